@@ -1,0 +1,137 @@
+"""The one switch between model families.
+
+A family bundles everything that differs between Lumina-2 and SDXL: model constructor and checkpoint
+I/O, text conditioning, latent codec, objective and sampler. The trainer, data pipeline, checkpointing,
+telemetry and evaluation only talk to the `Family` interface below and never branch on the name.
+Adding a family means one new module that defines `FAMILY` and one line in `_REGISTRY`.
+
+Contract (what the rest of the code relies on):
+
+    fam = get_family(cfg.family)
+    parts = fam.build_training(cfg, device)        # TrainingParts
+    inputs = parts.prepare(batch, generator)       # frozen no-grad work (VAE, frozen text encoder, t, noise)
+    out = engine(**inputs)                         # parts.module under DeepSpeed -> LossOutput
+    files = parts.export(full_state_dict, out_dir, metadata)   # consolidated safetensors, every layout
+    gen = parts.generator(module)                  # sampler over live weights (sample grids, eval)
+    gen = fam.load_generator(path, device)         # sampler over an exported checkpoint (eval, CLI)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from lumina_illus.config import RunConfig
+    from lumina_illus.data.batch import Batch
+
+# name -> "module:attribute" holding the Family object; imported lazily so that a family's heavy
+# dependencies load only when it is used.
+_REGISTRY: dict[str, str] = {
+    "lumina2": "lumina_illus.models.lumina2:FAMILY",
+    "sdxl": "lumina_illus.models.sdxl:FAMILY",
+}
+
+# Key of the JSON string stored in every exported safetensors header and in meta.json beside
+# exported folders: {"family", "step", "samples_seen", "run", "layout", "weights": "raw"|"ema", "config"}.
+METADATA_KEY = "lumina_illus"
+
+
+@dataclass
+class LossOutput:
+    """What a family's training module returns for one micro-batch."""
+
+    loss: torch.Tensor  # () scalar to backpropagate
+    per_sample: torch.Tensor  # (B,) detached loss of each sample
+    t: torch.Tensor  # (B,) noise level in Lumina's convention: 0 = pure noise, 1 = clean data
+    extras: dict[str, float] = field(default_factory=dict)  # family-specific scalars to log
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Text-to-image sampling over fixed weights; identical interface for every family."""
+
+    def generate(
+        self,
+        prompts: list[str],
+        sizes: list[tuple[int, int]],  # (width, height) per prompt
+        seeds: list[int],  # one per prompt
+        steps: int | None = None,  # None: the family's configured default
+        guidance: float | None = None,
+        negative_prompt: str = "",
+        progress: bool = False,
+    ) -> list[Image.Image]: ...
+
+
+@dataclass
+class TrainingParts:
+    """Everything the trainer needs from a family, built on one device."""
+
+    module: nn.Module  # handed to deepspeed.initialize: owns exactly the trainable parameters
+    param_groups: list[dict[str, Any]]  # optimizer groups {"params", "lr", "name"}; trainable only
+    prepare: Callable[[Batch, torch.Generator], dict[str, Any]]  # -> kwargs of module.forward
+    flops: Callable[[Batch], float]  # model FLOPs (forward + backward) of this micro-batch, for MFU
+    export: Callable[[dict[str, torch.Tensor], Path, dict[str, Any]], list[Path]]
+    generator: Callable[[nn.Module], Generator]  # sampler using the given (live or EMA) module weights
+    tokens: Callable[[Batch], int] = lambda b: 0  # image tokens in this micro-batch, for tokens/s
+
+
+class Family(Protocol):
+    name: str
+    config_cls: type  # dataclass validating the run config's `model:` section
+
+    def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts: ...
+
+    def load_generator(self, path: str | Path, device: torch.device, **kwargs: Any) -> Generator: ...
+
+    def detect(self, path: str | Path) -> bool: ...  # True if `path` is a checkpoint of this family
+
+
+def family_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_family(name: str) -> Family:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown family {name!r}; registered: {family_names()}")
+    module, attr = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The lumina_illus metadata of an exported checkpoint (file or folder); {} when it has none."""
+    p = Path(path)
+    if p.is_dir():
+        meta = p / "meta.json"
+        if meta.is_file():
+            return json.loads(meta.read_text())
+        files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*/*.safetensors"))
+        p = files[0] if files else p
+    if p.is_file() and p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+        return json.loads(raw) if raw else {}
+    return {}
+
+
+def detect_family(path: str | Path) -> Family:
+    """The family of a checkpoint: from our metadata when present, else asking each family."""
+    meta = read_metadata(path)
+    if meta.get("family") in _REGISTRY:
+        return get_family(meta["family"])
+    for name in family_names():
+        fam = get_family(name)
+        if fam.detect(path):
+            return fam
+    raise ValueError(f"{path}: not a checkpoint of any registered family ({family_names()})")
