@@ -71,6 +71,15 @@ class Generator(Protocol):
         progress: bool = False,
     ) -> list[Image.Image]: ...
 
+    def trajectory(
+        self, prompt: str, size: tuple[int, int], seed: int, steps: int, guidance: float
+    ) -> list[dict[str, Any]]:
+        """One sampling run, step by step: [{"t": float (0 noise .. 1 data), "x": latents (C,h,w),
+        "x0": the model's clean-latent prediction (C,h,w)}, ...]; for eval/denoise_fft.py."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> Image.Image: ...  # (C,h,w) latents -> image
+
 
 @dataclass
 class TrainingParts:
