@@ -1,0 +1,1 @@
+"""Evaluation: character recall vs samples seen, colour statistics, denoising spectra, dashboards."""

@@ -1,0 +1,40 @@
+"""Names of every metric the trainer logs and the evaluation reads back (W&B keys and log.jsonl keys).
+
+The trainer imports these constants instead of spelling the strings, so the dashboards in
+`lumina_illus.evaluation.dashboards` and the curves in `eval/char_recall.py` always point at what is
+really logged.
+"""
+
+from __future__ import annotations
+
+# training
+LOSS = "train/loss"  # mean loss of the optimizer step
+LOSS_T_BINS = 10  # the loss is also logged per noise-level bin t in [i/10, (i+1)/10)
+LOSS_T = tuple(f"train/loss_t{i}" for i in range(LOSS_T_BINS))  # train/loss_t0 .. train/loss_t9
+GRAD_NORM = "train/grad_norm"  # global gradient norm before clipping
+LR = "train/lr"  # learning rate of the first param group
+SAMPLES_SEEN = "train/samples_seen"  # image samples consumed over all ranks since step 0
+SKIPPED_STEPS = "train/skipped_steps"  # optimizer steps skipped for a non-finite loss or grad
+
+# performance
+IMAGES_PER_S = "perf/images_per_s"  # images per second over all ranks
+TOKENS_PER_S = "perf/tokens_per_s"  # image tokens per second over all ranks
+MFU = "perf/mfu"  # model FLOPs utilisation, 0..1
+DATA_WAIT_FRAC = "perf/data_wait_frac"  # share of the step time spent waiting for the loader
+STEP_TIME_SPREAD = "perf/step_time_spread"  # (slowest - fastest rank step time) / mean: stragglers
+MEM_GB = "perf/mem_gb"  # peak accelerator memory, GiB
+
+# evaluation
+CHAR_RECALL = "eval/char_recall"  # mean character recall of the in-training char_recall
+SAMPLE_GRID = "samples/grid"  # wandb.Image of the sample grid
+
+
+def loss_t_key(t: float) -> str:
+    """The per-bin loss key of noise level t (0 = noise, 1 = data), e.g. 0.37 -> train/loss_t3."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be in [0, 1], got {t}")
+    return LOSS_T[min(int(t * LOSS_T_BINS), LOSS_T_BINS - 1)]
+
+
+ALL = (LOSS, *LOSS_T, GRAD_NORM, LR, SAMPLES_SEEN, SKIPPED_STEPS, IMAGES_PER_S, TOKENS_PER_S, MFU,
+       DATA_WAIT_FRAC, STEP_TIME_SPREAD, MEM_GB, CHAR_RECALL, SAMPLE_GRID)
