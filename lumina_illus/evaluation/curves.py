@@ -1,0 +1,78 @@
+"""Recall vs image samples seen: curve points, PNG plot (matplotlib, Agg) and W&B logging."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lumina_illus.evaluation import metrics
+
+
+def curve_point(info: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+    """One point of the curve from checkpoint_info() and evaluate() output."""
+    return {
+        "samples_seen": info["samples_seen"], "step": info["step"], "path": info["path"],
+        "recall": result["recall"], "ci95": list(result["ci95"]), "hits": result["hits"], "n": result["n"],
+        "per_bucket": {b["label"]: b["recall"] for b in result["per_bucket"]},
+    }
+
+
+def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str | Path,
+                title: str = "character recall vs image samples seen") -> Path:
+    """One line per run (x = samples seen, y = recall, band = 95% Wilson interval); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)  # 800 x 500 px
+    for label, pts in curves.items():
+        pts = sorted((p for p in pts if p["samples_seen"] is not None), key=lambda p: p["samples_seen"])
+        if not pts:
+            continue
+        x = [p["samples_seen"] for p in pts]
+        ax.plot(x, [p["recall"] for p in pts], marker="o", label=label)
+        ax.fill_between(x, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], alpha=0.2)
+    ax.set_xlabel("image samples seen")
+    ax.set_ylabel("character recall")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def write_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path) -> tuple[Path, Path]:
+    """curve.json + curve.png in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / "curve.json"
+    js.write_text(json.dumps({k: list(v) for k, v in curves.items()}, indent=2))
+    return js, plot_curves(curves, out_dir / "curve.png")
+
+
+def log_curves_wandb(curves: Mapping[str, Sequence[Mapping[str, Any]]], png: str | Path, project: str,
+                     mode: str, out_dir: str | Path) -> list[str]:
+    """One W&B eval run per curve (offline by default), x axis train/samples_seen; returns run dirs."""
+    import wandb
+
+    dirs = []
+    for label, pts in curves.items():
+        run = wandb.init(project=project, name=f"char_recall/{label}", job_type="eval", mode=mode,
+                         dir=str(out_dir), reinit="create_new", config={"run": label})
+        run.define_metric(metrics.SAMPLES_SEEN)
+        run.define_metric(metrics.CHAR_RECALL, step_metric=metrics.SAMPLES_SEEN)
+        for p in sorted((p for p in pts if p["samples_seen"] is not None), key=lambda p: p["samples_seen"]):
+            run.log({metrics.SAMPLES_SEEN: p["samples_seen"], metrics.CHAR_RECALL: p["recall"],
+                     f"{metrics.CHAR_RECALL}_lo": p["ci95"][0], f"{metrics.CHAR_RECALL}_hi": p["ci95"][1]})
+        run.log({"eval/char_recall_curve": wandb.Image(str(png))})
+        dirs.append(str(run.dir) if mode != "disabled" else "")
+        run.finish()
+    return dirs
