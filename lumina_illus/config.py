@@ -215,13 +215,15 @@ class TrainConfig:
     micro_batch: int = 4  # samples per rank per forward (bucket mode) / upper bound (token mode)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps to run
-    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage
-    precision: Literal["bf16", "fp32"] = "bf16"
-    activation_checkpointing: bool = False
+    # DeepSpeed ZeRO stage; >= 1 because the ZeRO optimizers are what skip non-finite-gradient steps
+    zero_stage: Literal[1, 2, 3] = 2
+    precision: Literal["bf16", "fp32"] = "bf16"  # fp32 for CPU toy runs
+    activation_checkpointing: bool = False  # recompute block activations in backward (read by the family)
     max_bad_steps: int = 20  # consecutive NaN/inf steps before the run stops (with a checkpoint)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the derived DeepSpeed JSON
 
     def __post_init__(self) -> None:
-        for k in ("global_batch", "micro_batch", "grad_accum", "max_steps"):
+        for k in ("global_batch", "micro_batch", "grad_accum", "max_steps", "max_bad_steps"):
             check(getattr(self, k) > 0, k, "must be > 0")
 
 
@@ -245,11 +247,14 @@ class CheckpointConfig:
     export_every_steps: int = 0  # consolidated safetensors export every N steps (0: at checkpoints)
     export_layouts: list[str] = field(default_factory=lambda: ["original", "diffusers", "comfy"])
     export_ema: bool = True  # export the EMA weights too (when EMA is on)
+    export_dtype: Literal["bf16", "fp32"] = "bf16"  # dtype of the consolidated safetensors export
     resume: str = "auto"  # "auto" (latest in run dir), "none", or a checkpoint path
 
     def __post_init__(self) -> None:
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
-        check(self.every_steps >= 0 and self.every_minutes >= 0, "every_steps", "must be >= 0")
+        check(self.every_steps >= 0, "every_steps", "must be >= 0")
+        check(self.every_minutes >= 0, "every_minutes", "must be >= 0")
+        check(self.export_every_steps >= 0, "export_every_steps", "must be >= 0")
 
 
 @dataclass
@@ -258,6 +263,10 @@ class TelemetryConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     log_every: int = 1  # steps between log lines
     peak_tflops: float | None = None  # device bf16 peak for MFU; None: detected (H100 SXM: 989)
+
+    def __post_init__(self) -> None:
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be > 0")
 
 
 @dataclass

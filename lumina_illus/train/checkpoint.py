@@ -1,0 +1,233 @@
+"""Checkpoints: resume state and consolidated exports, written atomically.
+
+    runs/<name>/ckpt/
+      latest                         name of the newest step folder holding a resume state
+      step_0001000/
+        ds/                          resume state (pruned to the last `keep_last`):
+          state/...                  DeepSpeed: module, optimizer partitions (every rank)
+          trainer_state.json         step, samples seen, skipped steps, world size, git, config
+          rank_00000.json ...        RNG + data cursor of every rank
+          ema_rank_00000.safetensors EMA shard of every rank
+        meta.json                    {"family", "step", "samples_seen", "run", "config"}
+        <family export files>        consolidated raw weights (TrainingParts.export), kept forever
+        ema/                         consolidated EMA weights, same layouts
+
+A folder is written under `.tmp_step_X` by all ranks and renamed by rank 0 only once complete, then
+`latest` is replaced atomically, so a run killed at any moment leaves either the previous or the new
+checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from lumina_illus.config import RunConfig, to_dict
+from lumina_illus.families import TrainingParts
+from lumina_illus.train.ema import ShardedEMA
+from lumina_illus.train.rng import rng_state, set_rng_state
+
+DS_TAG = "state"  # DeepSpeed's tag folder inside ds/
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken (applied or skipped)
+    samples_seen: int = 0  # image samples consumed over all ranks
+    skipped_steps: int = 0  # steps skipped for non-finite loss or gradients, in total
+    bad_in_row: int = 0  # consecutive skipped steps (the run stops at train.max_bad_steps)
+    ema_updates: int = 0  # applied steps seen by the EMA
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+class Checkpointer:
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, git: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.c = cfg.checkpoint
+        self.rank = rank
+        self.world = world_size
+        self.git = git
+        self.dir = cfg.run_dir / "ckpt"
+        self.last_save_time = time.monotonic()
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for tmp in self.dir.glob(".tmp_step_*"):  # left by a run killed while saving
+                shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+
+    # -- when ---------------------------------------------------------------------------------
+
+    def due_by_steps(self, step: int) -> bool:
+        return self.c.every_steps > 0 and step % self.c.every_steps == 0
+
+    def due_by_time(self) -> bool:
+        """Rank-local clock; the loop shares rank 0's answer with every rank."""
+        return self.c.every_minutes > 0 and time.monotonic() - self.last_save_time >= 60 * self.c.every_minutes
+
+    def export_due(self, step: int, saving_state: bool) -> bool:
+        if self.c.export_every_steps > 0:
+            return step % self.c.export_every_steps == 0
+        return saving_state
+
+    # -- save ---------------------------------------------------------------------------------
+
+    def metadata(self, state: TrainState, weights: str) -> dict[str, Any]:
+        return {
+            "family": self.cfg.family,
+            "step": state.step,
+            "samples_seen": state.samples_seen,
+            "run": self.cfg.run.name,
+            "weights": weights,
+            "git": self.git,
+            "config": to_dict(self.cfg),
+        }
+
+    def save(
+        self,
+        engine: deepspeed.DeepSpeedEngine,
+        state: TrainState,
+        *,
+        resume_state: bool,
+        export: bool,
+        parts: TrainingParts,
+        ema: ShardedEMA | None,
+        loader: Any,
+        generators: dict[str, torch.Generator],
+    ) -> Path:
+        """Collective: every rank calls it with the same flags. Returns the final step folder."""
+        final = self.dir / step_name(state.step)
+        tmp = self.dir / (".tmp_" + step_name(state.step))
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        if resume_state:
+            self._save_state(engine, state, tmp / "ds", ema, loader, generators)
+        if export:
+            self._export(engine, state, tmp, parts, ema)
+        dist.barrier()
+        if self.rank == 0:
+            if final.exists():  # the same step saved before (export first, state now): merge
+                for item in final.iterdir():
+                    if not (tmp / item.name).exists():
+                        os.replace(item, tmp / item.name)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if resume_state:
+                (self.dir / "latest.tmp").write_text(final.name)
+                os.replace(self.dir / "latest.tmp", self.dir / "latest")
+                self.prune()
+        if resume_state:
+            self.last_save_time = time.monotonic()
+        dist.barrier()
+        return final
+
+    def _save_state(self, engine, state, ds_dir: Path, ema, loader, generators) -> None:
+        engine.save_checkpoint(str(ds_dir), tag=DS_TAG, client_state={}, save_latest=False)
+        rank_state = {"rng": rng_state(generators), "loader": loader.state_dict()}
+        _write_json(ds_dir / f"rank_{self.rank:05d}.json", rank_state)
+        if ema is not None:
+            ema.save(ds_dir)
+        if self.rank == 0:
+            _write_json(ds_dir / "trainer_state.json", {
+                **asdict(state), "world_size": self.world, "git": self.git, "config": to_dict(self.cfg),
+            })
+
+    def _export(self, engine, state, out: Path, parts: TrainingParts, ema: ShardedEMA | None) -> None:
+        dtype = torch.bfloat16 if self.c.export_dtype == "bf16" else torch.float32
+        if engine.zero_optimization_partition_weights():  # ZeRO-3: gather layer by layer (collective)
+            raw = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            raw = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if self.rank == 0 else None
+        ema_full = ema.gather_full() if ema is not None and self.c.export_ema else None  # collective
+        if self.rank != 0:
+            return
+        raw = _cast(raw, dtype)
+        parts.export(raw, out, self.metadata(state, "raw"))
+        if ema_full is not None:
+            # frozen parameters and buffers are not averaged: take them from the raw weights
+            ema_sd = {**raw, **_cast(ema_full, dtype)}
+            (out / "ema").mkdir(exist_ok=True)
+            parts.export(ema_sd, out / "ema", self.metadata(state, "ema"))
+        meta = {k: v for k, v in self.metadata(state, "raw").items() if k in ("family", "step", "samples_seen", "run", "config")}
+        _write_json(out / "meta.json", meta)
+
+    def prune(self) -> None:
+        """Delete the ds/ resume state of all but the newest `keep_last` checkpoints; exports stay."""
+        with_state = sorted(p for p in self.dir.glob("step_*") if (p / "ds").is_dir())
+        for old in with_state[: -self.c.keep_last]:
+            shutil.rmtree(old / "ds")
+
+    # -- resume -------------------------------------------------------------------------------
+
+    def resume_path(self) -> Path | None:
+        """The step folder to resume from, per `checkpoint.resume`, or None for a fresh start."""
+        r = self.c.resume
+        if r == "none":
+            return None
+        if r == "auto":
+            latest = self.dir / "latest"
+            if not latest.is_file():
+                return None
+            path = self.dir / latest.read_text().strip()
+        else:
+            path = Path(r)
+        if not (path / "ds" / "trainer_state.json").is_file():
+            raise FileNotFoundError(
+                f"{self.cfg.source}: checkpoint.resume={r!r}: {path} holds no resume state "
+                f"(expected {path / 'ds' / 'trainer_state.json'})"
+            )
+        return path
+
+    def load(
+        self,
+        path: Path,
+        engine: deepspeed.DeepSpeedEngine,
+        ema: ShardedEMA | None,
+        loader: Any,
+        generators: dict[str, torch.Generator],
+    ) -> TrainState:
+        """Collective: restore engine, EMA, data cursor and RNG of this rank from `path`."""
+        ds_dir = path / "ds"
+        loaded, _ = engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise FileNotFoundError(f"{ds_dir}: DeepSpeed could not load tag {DS_TAG!r}")
+        saved = json.loads((ds_dir / "trainer_state.json").read_text())
+        state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        saved_world = saved["world_size"]
+        rank_file = ds_dir / f"rank_{self.rank:05d}.json"
+        if saved_world == self.world:
+            rank_state = json.loads(rank_file.read_text())
+            set_rng_state(rank_state["rng"], generators)
+            loader.load_state_dict(rank_state["loader"])
+        else:
+            # new world size: RNG streams cannot continue exactly; the data cursor is global
+            rank_state = json.loads((ds_dir / "rank_00000.json").read_text())
+            loader.load_state_dict(rank_state["loader"])
+            if self.rank == 0:
+                print(f"[resume] world size {saved_world} -> {self.world}: data cursor kept, RNG re-seeded")
+        if ema is not None:
+            ema.load(ds_dir, saved_world)
+        return state
