@@ -5,7 +5,8 @@
 
 Each caption becomes `system_prompt + " <Prompt Start> " + caption`, exactly as diffusers'
 `Lumina2Pipeline.encode_prompt` and the official sampler build it, so an empty caption (caption
-dropout, the negative prompt) still carries the system prompt. Features are `hidden_states[layer]`
+dropout, the negative prompt) still carries the system prompt. diffusers templates prompts but
+not negative prompts: give it `negative_prompt=build_prompt(neg, system_prompt)` to reproduce ours. Features are `hidden_states[layer]`
 (-2 by default). Frozen by default: eval mode, no gradients, outside the optimizer; set
 `trainable: true` to fine-tune it with its own learning rate.
 """
@@ -68,6 +69,15 @@ class GemmaTextEncoder(nn.Module):
         self.tokenizer.padding_side = "right"
         self.model = AutoModel.from_pretrained(cfg.path, dtype=dtype).to(device)
         self.model.requires_grad_(cfg.trainable)
+        if cfg.trainable:
+            # layers after the chosen hidden state (and the final norm unless layer is -1) never get a
+            # gradient: keep them frozen so the optimizer holds only parameters that learn
+            n = self.model.config.num_hidden_layers
+            k = cfg.layer % (n + 1)  # hidden_states[k] is the output of layer k-1 (k = n: after the norm)
+            for layer in self.model.layers[k:]:
+                layer.requires_grad_(False)
+            if k < n:
+                self.model.norm.requires_grad_(False)
         self.model.train(False)
 
     @property
