@@ -174,18 +174,46 @@ class DataConfig:
     patch_tokens_per_side: int = 16  # pixels per image token side (VAE 8x * patch 2)
     min_area: int = 256 * 256  # smallest bucket area in pixels
     max_area: int = 1024 * 1024  # target area of buckets; images are resized to about this
+    area_step: int = 256  # area levels are squares of side min_side..max_side in this step (px);
+    # an image goes to the largest level not above its own area (so small images are not upscaled)
     bucket_step: int = 64  # bucket sides are multiples of this
     max_aspect: float = 4.0  # widest/tallest bucket aspect ratio
+    skip_aspect: float = 6.0  # images more elongated than this are skipped; between max_aspect and
+    # this they are cropped into the most elongated bucket
     min_side: int = 64  # images smaller than this (pixels) are skipped and counted
+    random_crop: bool = False  # crop position inside the bucket: random (recorded) or centred
     caption: dict[str, Any] = field(default_factory=dict)  # caption builder options (data/captions.py)
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.token_budget > 0, "token_budget", "must be > 0")
+        check(self.patch_tokens_per_side > 0, "patch_tokens_per_side", "must be > 0")
         check(0 < self.min_area <= self.max_area, "min_area", "must be > 0 and <= max_area")
+        check(self.area_step > 0, "area_step", "must be > 0")
         check(self.bucket_step > 0 and self.bucket_step % 8 == 0, "bucket_step", "must be a positive multiple of 8")
+        check(
+            self.bucket_step % self.patch_tokens_per_side == 0,
+            "bucket_step",
+            f"must be a multiple of patch_tokens_per_side ({self.patch_tokens_per_side})",
+        )
+        check(self.min_area >= self.bucket_step**2, "min_area", f"must be >= bucket_step^2 ({self.bucket_step**2})")
         check(self.max_aspect >= 1.0, "max_aspect", "must be >= 1")
+        check(self.skip_aspect >= self.max_aspect, "skip_aspect", "must be >= max_aspect")
+        check(self.min_side >= 1, "min_side", "must be >= 1")
+        max_tokens = self.max_area // self.patch_tokens_per_side**2
+        check(
+            self.batching != "tokens" or self.token_budget >= max_tokens,
+            "token_budget",
+            f"must hold one image of max_area ({max_tokens} tokens)",
+        )
+        from lumina_illus.data.captions import CaptionConfig  # local: data imports this module
+
+        try:
+            from_dict(CaptionConfig, self.caption, where="caption", prefix="caption.")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
 
 @dataclass

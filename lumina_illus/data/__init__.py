@@ -1,1 +1,31 @@
-"""data."""
+"""Data pipeline: webdataset shards -> decoded, bucketed, captioned micro-batches, resumable.
+
+Trainer-facing API (lumina_illus/data/loader.py):
+
+    from lumina_illus.data import build_loader
+    loader = build_loader(cfg.data, micro_batch=cfg.train.micro_batch, rank=rank, world_size=world,
+                          seed=cfg.run.seed, latent_mode=False)
+    it = iter(loader)            # endless: epochs chain, so every rank always has a next batch
+    batch = next(it)             # Batch: keys, captions, images (3,H,W) in [-1,1] | latents, sizes, crops
+    loader.state_dict()          # global cursor (collective under torch.distributed; same dict on
+                                 # every rank): save it with the checkpoint
+    loader.load_state_dict(d)    # before iter(): no sample of the epoch repeated or skipped, also
+                                 # when the world size changed (2 ranks -> 3)
+    loader.stats()               # {"epoch", "samples_seen", "samples_per_epoch", "skipped": {reason: n},
+                                 #  "packing_efficiency", "tokens_per_batch", "buckets", "recent_skips", ...}
+
+batching "tokens": each micro-batch is packed up to cfg.token_budget image tokens
+((H/patch_tokens_per_side) * (W/patch_tokens_per_side) per image) and at most micro_batch samples;
+batching "bucket": micro_batch samples of one bucket.
+
+Modules: shards.py (read/write tar shards, `write_shards(samples, out_dir, samples_per_shard)`),
+decode.py (robust image decoding), buckets.py (aspect buckets, resize+crop), captions.py (caption
+builder, json schema), control.py (colour statistics and control tokens), packing.py (batch forming),
+cursor.py (the resumable global cursor), stream.py (per-worker pipeline), loader.py (build_loader).
+"""
+
+from lumina_illus.data.batch import Batch
+from lumina_illus.data.loader import Loader, build_loader
+from lumina_illus.data.shards import write_shards
+
+__all__ = ["Batch", "Loader", "build_loader", "write_shards"]

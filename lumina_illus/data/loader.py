@@ -1,0 +1,172 @@
+"""The trainer-facing loader: an endless iterator of Batch for one rank, with a resumable cursor.
+
+    loader = build_loader(cfg.data, micro_batch=4, rank=rank, world_size=world, seed=cfg.run.seed)
+    it = iter(loader)
+    batch = next(it)                        # Batch (lumina_illus/data/batch.py)
+    state = loader.state_dict()             # collective when torch.distributed is up: every rank
+                                            # gets the same merged global state; save it once
+    loader.load_state_dict(state)           # then iter(loader) again: continues from the cursor
+    loader.stats()                          # skip counts per reason, packing efficiency, epoch, ...
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from lumina_illus.config import DataConfig
+from lumina_illus.data.batch import Batch
+from lumina_illus.data.cursor import Cursor, fingerprint, merge_states
+from lumina_illus.data.shards import expand_shards, manifest_counts
+from lumina_illus.data.stream import SKIP_REASONS, ShardStream
+
+_RECENT = 20  # skipped samples kept for stats()["recent_skips"]
+
+
+class Loader:
+    """Endless Batch iterator for one rank. The data never runs out (epochs chain into each other),
+    so ranks never wait on each other at an epoch boundary; `stats()["epoch"]` follows the cursor."""
+
+    def __init__(
+        self, cfg: DataConfig, *, micro_batch: int, rank: int, world_size: int, seed: int, latent_mode: bool
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.cfg, self.micro_batch, self.rank, self.world_size = cfg, micro_batch, rank, world_size
+        self.seed, self.latent_mode = seed, latent_mode
+        self.urls = expand_shards(cfg.shards)
+        self.cursor = Cursor(len(self.urls), seed, fingerprint(self.urls))
+        counts = manifest_counts(self.urls)
+        self.samples_per_epoch = sum(counts.values()) if len(counts) == len(self.urls) else None
+        self.counters: dict[str, Any] = self._zero_counters()
+        self.recent: collections.deque[str] = collections.deque(maxlen=_RECENT)
+
+    @staticmethod
+    def _zero_counters() -> dict[str, Any]:
+        return {"skipped": dict.fromkeys(SKIP_REASONS, 0), "batches": 0, "samples": 0, "tokens": 0, "budget": 0,
+                "buckets": {}}
+
+    # ---- iteration
+
+    def _dataloader(self) -> DataLoader:
+        ds = ShardStream(self.cfg, self.urls, {"cursor": self.cursor.state_dict()}, micro_batch=self.micro_batch,
+                         rank=self.rank, world_size=self.world_size, seed=self.seed, latent_mode=self.latent_mode)
+        nw = self.cfg.num_workers
+        return DataLoader(
+            ds,
+            batch_size=None,  # workers yield whole micro-batches
+            num_workers=nw,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=self.cfg.prefetch_factor if nw > 0 else None,
+            persistent_workers=False,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch, book in self._dataloader():
+            self._account(book)
+            yield batch
+
+    def _account(self, book: dict[str, Any]) -> None:
+        c = self.counters
+        for kind, p in book["events"]:
+            if kind == "end":
+                self.cursor.set_total(*p)
+                continue
+            epoch, shard, ordinal, reason, where, msg = p
+            c["skipped"][reason] += 1
+            self.recent.append(f"{reason}: {where} ordinal {ordinal}: {msg}")
+            if ordinal >= 0:
+                self.cursor.mark(epoch, shard, ordinal)
+        for e, s, i in book["samples"]:
+            self.cursor.mark(e, s, i)
+        n = len(book["samples"])
+        self.cursor.samples_seen += n
+        c["batches"] += 1
+        c["samples"] += n
+        c["tokens"] += book["tokens"]
+        c["budget"] += book["budget"]
+        for h, w in book["buckets"]:
+            k = f"{h}x{w}"
+            c["buckets"][k] = c["buckets"].get(k, 0) + 1
+
+    # ---- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's cursor and counters; with torch.distributed initialised over this loader's
+        world, all ranks' states are gathered and merged (a collective: call it on every rank)."""
+        own = {"cursor": self.cursor.state_dict(), "counters": self.counters}
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            if dist.get_world_size() != self.world_size:
+                raise RuntimeError(f"loader world_size {self.world_size} != process group {dist.get_world_size()}")
+            parts: list[Any] = [None] * self.world_size
+            dist.all_gather_object(parts, own)
+            return merge_states(parts)
+        return merge_states([own])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a (merged) state; takes effect at the next iter(loader). Counters go to rank 0 only,
+        so that the next merge does not count them once per rank."""
+        if "cursor" not in state:
+            raise ValueError("data loader state: missing 'cursor' (not a state from Loader.state_dict)")
+        c = Cursor.from_state(state["cursor"])
+        if (c.num_shards, c.urls_fingerprint) != (len(self.urls), self.cursor.urls_fingerprint):
+            raise ValueError(
+                f"data loader state: saved for {c.num_shards} shards (fingerprint {c.urls_fingerprint}), "
+                f"data.shards now gives {len(self.urls)} (fingerprint {self.cursor.urls_fingerprint}); "
+                "the cursor only applies to the same shard list")
+        if c.seed != self.seed:
+            raise ValueError(f"data loader state: saved with seed {c.seed}, loader seed is {self.seed}")
+        if self.rank != 0:
+            c.samples_seen = 0
+        self.cursor = c
+        self.counters = self._zero_counters()
+        if self.rank == 0:
+            saved = state.get("counters", {})
+            for k, v in saved.items():
+                if isinstance(v, dict):
+                    self.counters.setdefault(k, {}).update(v)
+                else:
+                    self.counters[k] = v
+
+    # ---- telemetry
+
+    def stats(self) -> dict[str, Any]:
+        """This rank's counters since the start of the run (rank 0 also holds what was loaded)."""
+        c = self.counters
+        return {
+            "epoch": self.cursor.base_epoch,
+            "samples_seen": self.cursor.samples_seen,
+            "samples_per_epoch": self.samples_per_epoch,  # from manifests; None when unknown
+            "shards": len(self.urls),
+            "batches": c["batches"],
+            "samples": c["samples"],
+            "skipped": dict(c["skipped"]),
+            "skipped_total": sum(c["skipped"].values()),
+            "packing_efficiency": c["tokens"] / c["budget"] if c["budget"] else None,
+            "tokens_per_batch": c["tokens"] / c["batches"] if c["batches"] else None,
+            "samples_per_batch": c["samples"] / c["batches"] if c["batches"] else None,
+            "buckets": dict(c["buckets"]),
+            "recent_skips": list(self.recent),
+        }
+
+
+def build_loader(
+    cfg: DataConfig,
+    *,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    latent_mode: bool = False,
+) -> Loader:
+    """The loader of one rank (see module docstring). `latent_mode` (or cfg.cached_latents) reads
+    shards written by data/cache_latents.py: Batch.latents is set instead of Batch.images."""
+    return Loader(cfg, micro_batch=micro_batch, rank=rank, world_size=world_size, seed=seed,
+                  latent_mode=latent_mode or cfg.cached_latents)

@@ -1,0 +1,249 @@
+"""Webdataset tar shards: resolving shard specs, reading samples out of a tar, writing shards.
+
+A sample is the group of consecutive tar members sharing a key (webdataset convention: the key is
+the path up to the first dot of the file name, the extension is the rest): `{key}.jpg|png|webp`,
+`{key}.txt`, `{key}.json` (schema in captions.py), and in latent shards `{key}.latent.safetensors`.
+
+    manifest = write_shards(samples, "shards/", samples_per_shard=1000)   # samples: dicts, see below
+    urls = expand_shards(["shards/shard-{000000..000009}.tar", "pipe:curl -s http://.../x.tar"])
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+
+from lumina_illus.config import DataConfig, to_dict
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LATENT_EXT = "latent.safetensors"
+MANIFEST = "manifest.json"
+
+
+def expand_shards(specs: list[str]) -> list[str]:
+    """Shard specs -> ordered list of urls: brace patterns expanded, globs matched (sorted),
+    "pipe:cmd" kept as is. A local spec that matches nothing is an error naming it."""
+    out: list[str] = []
+    for spec in specs:
+        if spec.startswith("pipe:"):
+            out.append(spec)
+            continue
+        for s in braceexpand.braceexpand(spec):
+            if any(c in s for c in "*?["):
+                hits = sorted(glob.glob(s))
+                if not hits:
+                    raise FileNotFoundError(f"data.shards: pattern {s!r} matches no file")
+                out.extend(hits)
+            elif os.path.exists(s):
+                out.append(s)
+            else:
+                raise FileNotFoundError(f"data.shards: shard {s!r} does not exist")
+    if not out:
+        raise FileNotFoundError("data.shards: no shards given")
+    return out
+
+
+@dataclass
+class TarSample:
+    index: int  # ordinal of this key group in its tar (the resume cursor counts these)
+    key: str
+    files: dict[str, bytes]  # extension -> bytes
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'dir/abc.latent.safetensors' -> ('dir/abc', 'latent.safetensors')."""
+    d, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def iter_tar(url: str) -> Iterator[TarSample | Exception]:
+    """Samples of one shard in tar order. A read error (truncated tar, missing file, failing pipe)
+    ends the shard: the group being assembled is dropped and the exception is yielded last, so the
+    caller counts it and moves on."""
+    index, key, files = 0, None, {}
+    try:
+        stream = wds.gopen(url) if url.startswith("pipe:") else open(url, "rb")
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = split_name(member.name)
+                if k != key and key is not None:
+                    yield TarSample(index, key, files)
+                    index, files = index + 1, {}
+                key = k
+                f = tar.extractfile(member)
+                files[ext] = f.read() if f is not None else b""
+                if len(files[ext]) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} truncated")
+        if key is not None:
+            yield TarSample(index, key, files)
+    except Exception as e:  # tarfile.ReadError, EOFError, OSError, pipe failures
+        yield e
+
+
+def _encode(ext: str, value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext]
+        value.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        return buf.getvalue()
+    if ext == "json":
+        return json.dumps(value, ensure_ascii=False).encode()
+    if isinstance(value, str):
+        return value.encode()
+    raise TypeError(f"cannot encode field {ext!r} of type {type(value).__name__}")
+
+
+def sample_size(files: dict[str, Any]) -> tuple[int, int] | None:
+    """(height, width) of a sample from its json (bucket of a latent sample, else width/height)
+    or image header; None when neither is readable."""
+    meta = files.get("json")
+    if isinstance(meta, (bytes, str)):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    if isinstance(meta, dict):
+        if "bucket" in meta:
+            return tuple(meta["bucket"])
+        if "width" in meta and "height" in meta:
+            return int(meta["height"]), int(meta["width"])
+    for ext in IMAGE_EXTS:
+        v = files.get(ext)
+        if isinstance(v, Image.Image):
+            return v.height, v.width
+        if v:
+            from lumina_illus.data.decode import DecodeError, open_image
+
+            try:
+                _, h, w = open_image(v)
+                return h, w
+            except DecodeError:
+                return None
+    return None
+
+
+def _write_one(path: Path, samples: list[dict[str, Any]]) -> int:
+    tmp = path.with_suffix(".tar.tmp")
+    now = time.time()
+    with tarfile.open(tmp, "w") as tar:
+        for s in samples:
+            for ext, value in s.items():
+                if ext == "__key__":
+                    continue
+                data = _encode(ext, value)
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(data), now, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)  # a crash never leaves a half-written shard under the final name
+    return path.stat().st_size
+
+
+def verify_shard(path: Path, keys: list[str], exts: list[set[str]]) -> None:
+    """Re-read a written shard; raises ValueError naming the shard if it differs from what was meant."""
+    got = list(iter_tar(str(path)))
+    if got and isinstance(got[-1], Exception):
+        raise ValueError(f"{path}: unreadable after writing: {got[-1]}")
+    if [s.key for s in got] != keys:
+        raise ValueError(f"{path}: holds {len(got)} samples, expected {len(keys)} (keys differ)")
+    for s, e in zip(got, exts):
+        if set(s.files) != e:
+            raise ValueError(f"{path}: sample {s.key!r} has fields {sorted(s.files)}, expected {sorted(e)}")
+
+
+def write_shards(
+    samples: Iterable[dict[str, Any]],
+    out_dir: str | Path,
+    samples_per_shard: int,
+    *,
+    prefix: str = "shard",
+    bucket_cfg: DataConfig | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Write samples into `out_dir/{prefix}-000000.tar`, ... of `samples_per_shard` samples each and
+    `out_dir/manifest.json`; returns the manifest.
+
+    A sample is a dict {"__key__": str (no dots), "jpg"|"png"|"webp": bytes or PIL image,
+    "txt": str, "json": dict, ...}; other fields are written as given (bytes or str).
+    The manifest holds per-shard sample counts and bytes, totals, and the histogram of buckets
+    (for `bucket_cfg`, default DataConfig()). With `verify`, every shard is read back and checked."""
+    from lumina_illus.data.buckets import assign_bucket
+
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    bucket_cfg = bucket_cfg or DataConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    hist: Counter[str] = Counter()
+    pending: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def flush() -> None:
+        path = out / f"{prefix}-{len(shards):06d}.tar"
+        nbytes = _write_one(path, pending)
+        if verify:
+            verify_shard(path, [s["__key__"] for s in pending], [set(s) - {"__key__"} for s in pending])
+        shards.append({"name": path.name, "samples": len(pending), "bytes": nbytes})
+        pending.clear()
+        seen.clear()
+
+    for s in samples:
+        key = s.get("__key__")
+        if not isinstance(key, str) or not key or "." in os.path.basename(key):
+            raise ValueError(f"sample key {key!r} must be a non-empty string without dots")
+        if key in seen:
+            raise ValueError(f"duplicate sample key {key!r} in shard {len(shards)}")
+        seen.add(key)
+        size = sample_size(s)
+        if size:
+            bh, bw = assign_bucket(bucket_cfg, *size)
+            hist[f"{bh}x{bw}"] += 1
+        else:
+            hist["unknown"] += 1
+        pending.append(s)
+        if len(pending) == samples_per_shard:
+            flush()
+    if pending:
+        flush()
+    manifest = {
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "buckets": dict(sorted(hist.items())),  # "HxW" -> samples
+        "bucket_config": {k: v for k, v in to_dict(bucket_cfg).items() if k in (
+            "min_area", "max_area", "area_step", "bucket_step", "max_aspect")},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def manifest_counts(urls: list[str]) -> dict[str, int]:
+    """url -> sample count from manifest.json files next to local shards (missing ones omitted)."""
+    counts: dict[str, int] = {}
+    for d in {os.path.dirname(u) for u in urls if not u.startswith("pipe:")}:
+        m = Path(d or ".") / MANIFEST
+        if m.is_file():
+            try:
+                for s in json.loads(m.read_text())["shards"]:
+                    counts[os.path.join(d, s["name"])] = int(s["samples"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return {u: counts[u] for u in urls if u in counts}

@@ -1,0 +1,246 @@
+"""What runs inside each DataLoader worker: read my shards, shuffle, decode, bucket, batch.
+
+Each worker is one consumer (consumer id = rank * num_workers + worker id) of the work items
+dealt by the cursor (cursor.py). It yields (Batch, book) pairs; `book` tells the main process
+which samples the batch holds and which samples were skipped or shards finished since the last
+batch, so the cursor and the skip counts are updated only for what the trainer really received.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lumina_illus.config import DataConfig, from_dict
+from lumina_illus.data.batch import Batch
+from lumina_illus.data.buckets import Bucket, assign_bucket, image_tokens, resize_and_crop
+from lumina_illus.data.captions import CaptionConfig, CaptionError, build_caption
+from lumina_illus.data.cursor import Cursor
+from lumina_illus.data.decode import DecodeError, load_rgb, open_image, to_tensor
+from lumina_illus.data.packing import BucketBatcher, TokenPacker
+from lumina_illus.data.shards import IMAGE_EXTS, LATENT_EXT, TarSample, iter_tar
+
+log = logging.getLogger("lumina_illus.data")
+
+# every reason a sample can be skipped for; stats() reports each (zero included)
+SKIP_REASONS = (
+    "empty_file",  # zero-byte image
+    "corrupt_image",  # not decodable
+    "truncated_image",  # decoding stopped early
+    "truncated_tar",  # the shard ended in the middle (counted once per shard read)
+    "missing_image",  # no jpg/png/webp (or latent) in the sample
+    "missing_caption",  # neither .txt, json caption nor tags
+    "bad_json",  # .json unreadable or not an object
+    "too_small",  # a side below data.min_side
+    "bad_aspect",  # more elongated than data.skip_aspect
+    "bucket_leftover",  # bucket mode: a bucket never filled before the epoch after next
+)
+
+
+class SkipSample(Exception):
+    def __init__(self, reason: str, msg: str):
+        super().__init__(msg)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    epoch: int
+    shard: int
+    ordinal: int
+    key: str  # "<shard file>/<key>"
+    caption: str
+    pixels: torch.Tensor | None  # (3, H, W) in [-1, 1]
+    latent: torch.Tensor | None  # (C, h, w) cached VAE latent
+    text_embeds: torch.Tensor | None
+    original_size: tuple[int, int]  # (h, w)
+    crop: tuple[int, int]  # (top, left)
+    bucket: Bucket  # (H, W) pixels
+    tokens: int
+
+
+def decode_sample(
+    ts: TarSample, cfg: DataConfig, cap: CaptionConfig, rng: random.Random, latent_mode: bool
+) -> dict[str, Any]:
+    """One tar sample -> caption, pixels or latent, sizes, crop. Raises SkipSample(reason)."""
+    meta: dict[str, Any] = {}
+    if "json" in ts.files:
+        try:
+            meta = json.loads(ts.files["json"])
+        except ValueError as e:
+            raise SkipSample("bad_json", f"json unreadable: {e}") from None
+        if not isinstance(meta, dict):
+            raise SkipSample("bad_json", f"json is a {type(meta).__name__}, expected an object")
+    text = ts.files["txt"].decode("utf-8", errors="replace") if "txt" in ts.files else None
+    try:
+        caption = build_caption(cap, text, meta, rng)
+    except CaptionError as e:
+        raise SkipSample("missing_caption", str(e)) from None
+
+    if latent_mode:
+        if LATENT_EXT not in ts.files:
+            raise SkipSample("missing_image", f"no {LATENT_EXT} in a latent shard")
+        try:
+            tensors = load_safetensors(ts.files[LATENT_EXT])
+            latent = tensors["latent"]  # (C, h, w)
+            bucket = (int(meta["bucket"][0]), int(meta["bucket"][1]))
+            original = (int(meta["original_size"][0]), int(meta["original_size"][1]))
+            crop = (int(meta["crop"][0]), int(meta["crop"][1]))
+        except Exception as e:  # missing keys, bad safetensors
+            raise SkipSample("bad_json", f"latent sample incomplete: {e}") from None
+        return dict(caption=caption, pixels=None, latent=latent, text_embeds=tensors.get("text_embeds"),
+                    original_size=original, crop=crop, bucket=bucket)
+
+    ext = next((e for e in IMAGE_EXTS if e in ts.files), None)
+    if ext is None:
+        raise SkipSample("missing_image", f"no image among fields {sorted(ts.files)}")
+    try:
+        img, h, w = open_image(ts.files[ext])
+    except DecodeError as e:
+        raise SkipSample(e.reason, str(e)) from None
+    if min(h, w) < cfg.min_side:
+        raise SkipSample("too_small", f"{w}x{h} below min_side {cfg.min_side}")
+    if max(h / w, w / h) > cfg.skip_aspect:
+        raise SkipSample("bad_aspect", f"{w}x{h} more elongated than skip_aspect {cfg.skip_aspect}")
+    bucket = assign_bucket(cfg, h, w)
+    scale = max(bucket[0] / h, bucket[1] / w)
+    try:
+        rgb = load_rgb(img, min_height=int(h * scale) + 1, min_width=int(w * scale) + 1)
+    except DecodeError as e:
+        raise SkipSample(e.reason, str(e)) from None
+    rgb, crop = resize_and_crop(rgb, bucket, rng if cfg.random_crop else None)
+    return dict(caption=caption, pixels=to_tensor(rgb), latent=None, text_embeds=None,
+                original_size=(h, w), crop=crop, bucket=bucket)
+
+
+def collate(samples: list[Sample]) -> Batch:
+    latent = samples[0].latent is not None
+    embeds = [s.text_embeds for s in samples]
+    return Batch(
+        keys=[s.key for s in samples],
+        captions=[s.caption for s in samples],
+        images=None if latent else [s.pixels for s in samples],
+        latents=[s.latent for s in samples] if latent else None,
+        original_sizes=[s.original_size for s in samples],
+        crops=[s.crop for s in samples],
+        target_sizes=[s.bucket for s in samples],
+        text_embeds=embeds if all(e is not None for e in embeds) else None,
+    )
+
+
+class ShardStream(IterableDataset):
+    """Infinite stream of (Batch, book) for one rank; split further by DataLoader worker."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        urls: list[str],
+        cursor_state: dict[str, Any],
+        *,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        latent_mode: bool,
+    ):
+        self.cfg, self.urls, self.cursor_state = cfg, urls, cursor_state
+        self.caption_cfg = from_dict(CaptionConfig, cfg.caption, where="data.caption", prefix="data.caption.")
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
+        self.seed, self.latent_mode = seed, latent_mode
+
+    def _items(self, consumer: int, n_consumers: int) -> Iterator[tuple[str, Any]]:
+        """Raw events of this consumer in order: ("sample", (epoch, shard, TarSample)),
+        ("skip", (epoch, shard, ordinal, reason, where, msg)), ("end", (epoch, shard, n))."""
+        cursor = Cursor.from_state(self.cursor_state["cursor"])
+        dry = 0  # work items in a row without one readable sample
+        for i, item in enumerate(cursor.work()):
+            if i % n_consumers != consumer:
+                continue
+            url, n, got = self.urls[item.shard], 0, 0
+            yield "epoch", item.epoch
+            for ts in iter_tar(url):
+                if isinstance(ts, Exception):
+                    yield "skip", (item.epoch, item.shard, -1, "truncated_tar", url, f"after {n} samples: {ts}")
+                    break
+                n += 1
+                if ts.index not in item.skip:
+                    got += 1
+                    yield "sample", (item.epoch, item.shard, ts)
+            yield "end", (item.epoch, item.shard, n)
+            dry = 0 if got else dry + 1
+            if dry > 2 * len(self.urls) + n_consumers:
+                raise RuntimeError(f"data: no readable sample in {dry} shard reads in a row (shards {self.urls[:3]}...)")
+
+    def __iter__(self) -> Iterator[tuple[Batch, dict[str, Any]]]:
+        info = get_worker_info()
+        nw, wid = (info.num_workers, info.id) if info else (1, 0)
+        if info is not None:
+            torch.set_num_threads(1)  # workers decode with PIL; torch threads would oversubscribe cores
+        consumer, n_consumers = self.rank * nw + wid, self.world_size * nw
+        cfg = self.cfg
+        # a resumed run must not replay the same shuffle: samples_seen enters the seed
+        rng = random.Random(f"{self.seed}/{consumer}/{n_consumers}/{self.cursor_state['cursor']['samples_seen']}")
+        buffer: list[tuple[int, int, TarSample]] = []
+        events: list[tuple[str, Any]] = []  # skips and shard ends since the last batch
+        packer = TokenPacker(cfg.token_budget, self.micro_batch) if cfg.batching == "tokens" else None
+        bucketer = BucketBatcher(self.micro_batch) if packer is None else None
+        epoch_now = 0
+
+        def emit(samples: list[Sample]) -> tuple[Batch, dict[str, Any]]:
+            book = {
+                "samples": [(s.epoch, s.shard, s.ordinal) for s in samples],
+                "buckets": [s.bucket for s in samples],
+                "events": list(events),
+                "tokens": sum(s.tokens for s in samples),
+                "budget": cfg.token_budget if packer is not None else sum(s.tokens for s in samples),
+            }
+            events.clear()
+            return collate(samples), book
+
+        def process(epoch: int, shard: int, ts: TarSample) -> list[Sample] | None:
+            where = self.urls[shard]
+            try:
+                d = decode_sample(ts, cfg, self.caption_cfg, rng, self.latent_mode)
+            except SkipSample as e:
+                log.warning("skipped %s: shard=%s key=%s: %s", e.reason, where, ts.key, e)
+                events.append(("skip", (epoch, shard, ts.index, e.reason, where, str(e))))
+                return None
+            name = where.rsplit("/", 1)[-1]
+            s = Sample(epoch, shard, ts.index, f"{name}/{ts.key}", tokens=image_tokens(cfg, d["bucket"]), **d)
+            if packer is not None:
+                return packer.add(s, s.tokens)
+            return bucketer.add(s, s.bucket)
+
+        for kind, payload in self._items(consumer, n_consumers):
+            if kind == "epoch":
+                epoch_now = payload
+                if bucketer is not None:
+                    # drop_last for buckets that did not fill within an epoch; counted, never silent
+                    for b, q in list(bucketer.queues.items()):
+                        old = [s for s in q if s.epoch < epoch_now - 1]
+                        for s in old:
+                            events.append(("skip", (s.epoch, s.shard, s.ordinal, "bucket_leftover",
+                                                    self.urls[s.shard], f"bucket {b} never filled")))
+                        bucketer.queues[b] = [s for s in q if s.epoch >= epoch_now - 1]
+                continue
+            if kind != "sample":
+                if kind == "skip":
+                    log.warning("skipped %s: shard=%s: %s", payload[3], payload[4], payload[5])
+                events.append((kind, payload))
+                continue
+            buffer.append(payload)
+            if len(buffer) < cfg.shuffle_buffer:
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            out = process(*buffer.pop())
+            if out:
+                yield emit(out)
