@@ -203,9 +203,15 @@ class Telemetry:
         loss = metrics.get(M.LOSS, math.nan)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics.get(M.LR, 0):.2e}", refresh=False)
         if write:
-            self._write({"step": step, **metrics})
-            if self.wandb is not None:
-                self.wandb.log(metrics, step=step)
+            self.record(step, metrics)
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        """Write metrics of `step` to log.jsonl and W&B."""
+        if not self.active:
+            return
+        self._write({"step": step, **metrics})
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
 
     def event(self, step: int, name: str, **fields: Any) -> None:
         """A one-off record (checkpoint written, run stopped, ...) in the jsonl and on the console."""

@@ -1,0 +1,148 @@
+"""The training loop. `train(cfg)` builds the components and runs optimizer steps; each step reads
+top to bottom: get batch, prepare, forward, loss, backward, step, EMA, log, maybe checkpoint.
+
+Every collective (gathering step stats, checkpoint, sample grid) happens at the same place on every
+rank; decisions that depend on one rank (a signal, the checkpoint clock, a NaN) are shared in the
+per-step stats gather, so all ranks always take the same branch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from lumina_illus.config import RunConfig, save_config
+from lumina_illus.data import build_loader
+from lumina_illus.data.batch import Batch
+from lumina_illus.evaluation import metrics as M
+from lumina_illus.families import get_family
+from lumina_illus.train import hooks
+from lumina_illus.train.batching import check_batch_arithmetic
+from lumina_illus.train.checkpoint import Checkpointer, TrainState
+from lumina_illus.train.ema import ShardedEMA
+from lumina_illus.train.engine import build_engine, init_distributed, set_lr
+from lumina_illus.train.rng import seed_everything
+from lumina_illus.train.schedule import lr_factor
+from lumina_illus.train.signals import StopFlag
+from lumina_illus.train.telemetry import (
+    StepStats,
+    Telemetry,
+    gather_stats,
+    git_revision,
+    memory_gib,
+    peak_flops,
+    step_metrics,
+)
+
+
+class TooManyBadSteps(RuntimeError):
+    """Raised after train.max_bad_steps consecutive non-finite steps (a checkpoint was written)."""
+
+
+def _timed_next(batches: Iterator[Batch], stats: StepStats) -> Batch:
+    t0 = time.perf_counter()
+    batch = next(batches)
+    stats.data_wait += time.perf_counter() - t0
+    return batch
+
+
+def train(cfg: RunConfig) -> TrainState:
+    """Run (or resume) the training described by `cfg`; returns the final train state."""
+    env = init_distributed()
+    check_batch_arithmetic(cfg, env.world_size)
+    seed_everything(cfg.run.seed + env.rank)
+    parts = get_family(cfg.family).build_training(cfg, env.device)
+    engine = build_engine(cfg, parts, env)
+    loader = build_loader(cfg, rank=env.rank, world_size=env.world_size)
+    ema = ShardedEMA(engine.module, cfg.ema, env.rank, env.world_size) if cfg.ema.enabled else None
+    # t / noise / caption-dropout draws of `prepare`: one stream per rank, saved in checkpoints
+    gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank)
+    generators = {"prepare": gen}
+    git = git_revision()
+    ckpt = Checkpointer(cfg, env.rank, env.world_size, git)
+    state = TrainState()
+    resume = ckpt.resume_path()
+    if resume is not None:
+        state = ckpt.load(resume, engine, ema, loader, generators)
+    if env.rank == 0:
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    tel = Telemetry(cfg, env.rank, state.step, git)
+    if resume is not None:
+        tel.event(state.step, "resumed", path=str(resume), samples_seen=state.samples_seen)
+    stop = StopFlag()
+    peak = peak_flops(cfg, env.device)
+    batches = iter(loader)
+    engine.train()
+    try:
+        while state.step < cfg.train.max_steps:
+            stats = StepStats()
+            t0 = time.perf_counter()
+            lr = set_lr(engine, lr_factor(state.step, cfg.optim, cfg.train.max_steps))
+            for _ in range(cfg.train.grad_accum):
+                batch = _timed_next(batches, stats)
+                inputs = parts.prepare(batch, gen)  # frozen no-grad work: latents, text features, t, noise
+                out = engine(**inputs)  # LossOutput
+                engine.backward(out.loss)  # scaled by 1/grad_accum inside DeepSpeed
+                engine.step()  # optimizer update on the accumulation boundary only
+                stats.add_losses(out.per_sample, out.t)
+                stats.samples += len(batch)
+                stats.tokens += parts.tokens(batch)
+                stats.flops += parts.flops(batch)
+            state.step += 1
+            # DeepSpeed's ZeRO optimizer skipped the update when the grad norm was inf/nan
+            applied = engine.was_step_applied()
+            if applied:
+                state.bad_in_row = 0
+                if ema is not None:
+                    state.ema_updates += int(ema.update(state.step))
+            else:
+                state.bad_in_row += 1
+                state.skipped_steps += 1
+            stats.step_time = time.perf_counter() - t0
+            stats.stop = bool(stop)
+            stats.save_now = ckpt.due_by_time()
+            g = gather_stats(stats, env.device)  # collective: totals and agreed flags
+            state.samples_seen += g["samples"]
+
+            grad_norm = engine.get_global_grad_norm()
+            metrics = step_metrics(
+                g, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                samples_seen=state.samples_seen, skipped=state.skipped_steps, peak=peak,
+                world=env.world_size, mem=memory_gib(env.device),
+            )
+            tel.log(state.step, metrics, write=state.step % cfg.telemetry.log_every == 0 or not applied)
+            if not applied:
+                tel.event(state.step, "skipped_step", nonfinite_loss=g["nonfinite_loss"], grad_norm=grad_norm)
+
+            if cfg.sampling.every_steps and state.step % cfg.sampling.every_steps == 0:
+                grid = hooks.sample_grid(cfg, engine, parts, env.rank)
+                if grid is not None:
+                    tel.grid(state.step, grid)
+            if cfg.eval.char_recall_every and state.step % cfg.eval.char_recall_every == 0:
+                result = hooks.char_recall(cfg, engine, parts, env.rank)
+                if result is not None:
+                    tel.record(state.step, {M.CHAR_RECALL: result["recall"]})
+
+            too_bad = state.bad_in_row >= cfg.train.max_bad_steps
+            final = state.step == cfg.train.max_steps
+            save_state = ckpt.due_by_steps(state.step) or g["save_now"] or g["stop"] or too_bad or final
+            export = ckpt.export_due(state.step, save_state) or final
+            if save_state or export:
+                path = ckpt.save(engine, state, resume_state=save_state, export=export, parts=parts,
+                                 ema=ema, loader=loader, generators=generators)
+                tel.event(state.step, "checkpoint", path=str(path), resume_state=save_state, export=export)
+            if g["stop"]:
+                tel.event(state.step, "stopped_by_signal", signal=stop.received)
+                break
+            if too_bad:
+                raise TooManyBadSteps(
+                    f"{state.bad_in_row} consecutive steps had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopped at step {state.step} with a "
+                    f"checkpoint in {ckpt.dir}. Lower optim.lr or inspect the data near samples_seen="
+                    f"{state.samples_seen}."
+                )
+    finally:
+        tel.close()
+    return state
