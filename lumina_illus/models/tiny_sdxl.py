@@ -76,11 +76,12 @@ def tiny_clip_configs(vocab_size: int, bos: int, eos: int, pad_2: int) -> tuple:
         eos_token_id=eos,
     )
     clip_l = CLIPTextConfig(hidden_size=32, projection_dim=32, hidden_act="quick_gelu", pad_token_id=eos, **common)
-    clip_g = CLIPTextConfig(hidden_size=32, projection_dim=32, hidden_act="gelu", pad_token_id=pad_2, **common)
+    # widths differ like the real encoders (768 vs 1280): diffusers tells the two towers apart by width
+    clip_g = CLIPTextConfig(hidden_size=48, projection_dim=32, hidden_act="gelu", pad_token_id=pad_2, **common)
     return clip_l, clip_g
 
 
-def tiny_unet_config(text_dim: int = 64, pooled_dim: int = 32, addition_time_embed_dim: int = 8) -> dict:
+def tiny_unet_config(text_dim: int = 80, pooled_dim: int = 32, addition_time_embed_dim: int = 8) -> dict:
     """SDXL base UNet config, narrowed: same block types, text_time add-embedding and linear projections."""
     return dict(
         sample_size=32,
