@@ -174,7 +174,7 @@ class DataConfig:
     patch_tokens_per_side: int = 16  # pixels per image token side (VAE 8x * patch 2)
     min_area: int = 256 * 256  # smallest bucket area in pixels
     max_area: int = 1024 * 1024  # target area of buckets; images are resized to about this
-    area_step: int = 256  # area levels are squares of side min_side..max_side in this step (px);
+    area_step: int = 256  # area levels: squares of side sqrt(min_area)..sqrt(max_area) in this step (px);
     # an image goes to the largest level not above its own area (so small images are not upscaled)
     bucket_step: int = 64  # bucket sides are multiples of this
     max_aspect: float = 4.0  # widest/tallest bucket aspect ratio

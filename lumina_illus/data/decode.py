@@ -26,6 +26,11 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+def _reason(e: Exception) -> str:
+    # PIL says "image file is truncated" (PNG chunks, JPEG scans); everything else is corruption
+    return "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
+
+
 def open_image(data: bytes) -> tuple[Image.Image, int, int]:
     """Open lazily; returns (image, height, width) with height/width after EXIF orientation."""
     if not data:
@@ -35,7 +40,7 @@ def open_image(data: bytes) -> tuple[Image.Image, int, int]:
         w, h = img.size
         orientation = img.getexif().get(0x0112, 1)
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, SyntaxError, ...)
-        raise DecodeError("corrupt_image", f"cannot open image: {e}") from None
+        raise DecodeError(_reason(e), f"cannot open image: {e}") from None
     if orientation in _SWAPS:
         w, h = h, w
     return img, h, w
@@ -54,11 +59,8 @@ def load_rgb(img: Image.Image, min_height: int = 0, min_width: int = 0) -> Image
         return to_rgb(img)
     except DecodeError:
         raise
-    except OSError as e:
-        reason = "truncated_image" if "truncated" in str(e) else "corrupt_image"
-        raise DecodeError(reason, f"cannot decode image: {e}") from None
     except Exception as e:
-        raise DecodeError("corrupt_image", f"cannot decode image: {e}") from None
+        raise DecodeError(_reason(e), f"cannot decode image: {e}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

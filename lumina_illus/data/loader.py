@@ -47,6 +47,8 @@ class Loader:
         self.samples_per_epoch = sum(counts.values()) if len(counts) == len(self.urls) else None
         self.counters: dict[str, Any] = self._zero_counters()
         self.recent: collections.deque[str] = collections.deque(maxlen=_RECENT)
+        self.last_sources: list[tuple[int, int, int]] = []  # (epoch, shard index, ordinal) of the last batch
+        self.last_skips: list[tuple] = []  # (epoch, shard, ordinal, reason, shard url, key, message) reported with it
 
     @staticmethod
     def _zero_counters() -> dict[str, Any]:
@@ -75,13 +77,16 @@ class Loader:
 
     def _account(self, book: dict[str, Any]) -> None:
         c = self.counters
+        self.last_sources = [tuple(x) for x in book["samples"]]
+        self.last_skips = []
         for kind, p in book["events"]:
             if kind == "end":
                 self.cursor.set_total(*p)
                 continue
-            epoch, shard, ordinal, reason, where, msg = p
+            epoch, shard, ordinal, reason, where, key, msg = p
             c["skipped"][reason] += 1
-            self.recent.append(f"{reason}: {where} ordinal {ordinal}: {msg}")
+            self.last_skips.append(tuple(p))
+            self.recent.append(f"{reason}: shard={where} key={key}: {msg}")
             if ordinal >= 0:
                 self.cursor.mark(epoch, shard, ordinal)
         for e, s, i in book["samples"]:

@@ -158,7 +158,8 @@ class ShardStream(IterableDataset):
 
     def _items(self, consumer: int, n_consumers: int) -> Iterator[tuple[str, Any]]:
         """Raw events of this consumer in order: ("sample", (epoch, shard, TarSample)),
-        ("skip", (epoch, shard, ordinal, reason, where, msg)), ("end", (epoch, shard, n))."""
+        ("skip", (epoch, shard, ordinal, reason, where, key, msg)), ("end", (epoch, shard, n)),
+        ("epoch", epoch) when a work item of that epoch starts."""
         cursor = Cursor.from_state(self.cursor_state["cursor"])
         dry = 0  # work items in a row without one readable sample
         for i, item in enumerate(cursor.work()):
@@ -168,7 +169,7 @@ class ShardStream(IterableDataset):
             yield "epoch", item.epoch
             for ts in iter_tar(url):
                 if isinstance(ts, Exception):
-                    yield "skip", (item.epoch, item.shard, -1, "truncated_tar", url, f"after {n} samples: {ts}")
+                    yield "skip", (item.epoch, item.shard, -1, "truncated_tar", url, "", f"after {n} samples: {ts}")
                     break
                 n += 1
                 if ts.index not in item.skip:
@@ -211,7 +212,7 @@ class ShardStream(IterableDataset):
                 d = decode_sample(ts, cfg, self.caption_cfg, rng, self.latent_mode)
             except SkipSample as e:
                 log.warning("skipped %s: shard=%s key=%s: %s", e.reason, where, ts.key, e)
-                events.append(("skip", (epoch, shard, ts.index, e.reason, where, str(e))))
+                events.append(("skip", (epoch, shard, ts.index, e.reason, where, ts.key, str(e))))
                 return None
             name = where.rsplit("/", 1)[-1]
             s = Sample(epoch, shard, ts.index, f"{name}/{ts.key}", tokens=image_tokens(cfg, d["bucket"]), **d)
@@ -228,12 +229,12 @@ class ShardStream(IterableDataset):
                         old = [s for s in q if s.epoch < epoch_now - 1]
                         for s in old:
                             events.append(("skip", (s.epoch, s.shard, s.ordinal, "bucket_leftover",
-                                                    self.urls[s.shard], f"bucket {b} never filled")))
+                                                    self.urls[s.shard], s.key, f"bucket {b} never filled")))
                         bucketer.queues[b] = [s for s in q if s.epoch >= epoch_now - 1]
                 continue
             if kind != "sample":
                 if kind == "skip":
-                    log.warning("skipped %s: shard=%s: %s", payload[3], payload[4], payload[5])
+                    log.warning("skipped %s: shard=%s: %s", payload[3], payload[4], payload[6])
                 events.append((kind, payload))
                 continue
             buffer.append(payload)
