@@ -229,3 +229,17 @@ def _templates(tmp_path: Path) -> Path:
 
 def test_draw_disk_sanity():
     assert draw_disk((10, 10), COLOURS["alice"]).getpixel((5, 5)) == COLOURS["alice"]
+
+
+def test_curves_logged_to_wandb_offline(tmp_path, monkeypatch):
+    from lumina_illus.evaluation.curves import log_curves_wandb
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pt = {"samples_seen": 100, "step": 1, "path": "x", "recall": 0.5, "ci95": [0.2, 0.8], "hits": 1, "n": 2,
+          "per_bucket": {}}
+    _, png = write_curves({"a": [pt], "b": [pt]}, tmp_path)
+    dirs = log_curves_wandb({"a": [pt], "b": [pt]}, png, "proj", "offline", tmp_path)
+    assert len(dirs) == 2
+    for d in dirs:
+        run_dir = Path(d).parent
+        assert list(run_dir.glob("run-*.wandb")) and list(Path(d).glob("media/images/eval/char_recall_curve_*.png"))
