@@ -5,8 +5,8 @@
       step_0001000/
         ds/                          resume state (pruned to the last `keep_last`):
           state/...                  DeepSpeed: module, optimizer partitions (every rank)
-          trainer_state.json         step, samples seen, skipped steps, world size, git, config
-          rank_00000.json ...        RNG + data cursor of every rank
+          trainer_state.json         step, samples seen, skipped steps, world size, data cursor, git, config
+          rank_00000.json ...        RNG state of every rank
           ema_rank_00000.safetensors EMA shard of every rank
         meta.json                    {"family", "step", "samples_seen", "run", "config"}
         <family export files>        consolidated raw weights (TrainingParts.export), kept forever
@@ -146,13 +146,14 @@ class Checkpointer:
 
     def _save_state(self, engine, state, ds_dir: Path, ema, loader, generators) -> None:
         engine.save_checkpoint(str(ds_dir), tag=DS_TAG, client_state={}, save_latest=False)
-        rank_state = {"rng": rng_state(generators), "loader": loader.state_dict()}
-        _write_json(ds_dir / f"rank_{self.rank:05d}.json", rank_state)
+        data_cursor = loader.state_dict()  # collective: the merged global cursor, same on every rank
+        _write_json(ds_dir / f"rank_{self.rank:05d}.json", {"rng": rng_state(generators)})
         if ema is not None:
             ema.save(ds_dir)
         if self.rank == 0:
             _write_json(ds_dir / "trainer_state.json", {
-                **asdict(state), "world_size": self.world, "git": self.git, "config": to_dict(self.cfg),
+                **asdict(state), "world_size": self.world, "data": data_cursor, "git": self.git,
+                "config": to_dict(self.cfg),
             })
 
     def _export(self, engine, state, out: Path, parts: TrainingParts, ema: ShardedEMA | None) -> None:
@@ -217,17 +218,11 @@ class Checkpointer:
         saved = json.loads((ds_dir / "trainer_state.json").read_text())
         state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
         saved_world = saved["world_size"]
-        rank_file = ds_dir / f"rank_{self.rank:05d}.json"
+        loader.load_state_dict(saved["data"])  # the global cursor survives a change of world size
         if saved_world == self.world:
-            rank_state = json.loads(rank_file.read_text())
-            set_rng_state(rank_state["rng"], generators)
-            loader.load_state_dict(rank_state["loader"])
-        else:
-            # new world size: RNG streams cannot continue exactly; the data cursor is global
-            rank_state = json.loads((ds_dir / "rank_00000.json").read_text())
-            loader.load_state_dict(rank_state["loader"])
-            if self.rank == 0:
-                print(f"[resume] world size {saved_world} -> {self.world}: data cursor kept, RNG re-seeded")
+            set_rng_state(json.loads((ds_dir / f"rank_{self.rank:05d}.json").read_text())["rng"], generators)
+        elif self.rank == 0:
+            print(f"[resume] world size {saved_world} -> {self.world}: data cursor kept, RNG streams re-seeded")
         if ema is not None:
             ema.load(ds_dir, saved_world)
         return state

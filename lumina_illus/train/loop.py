@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import torch
 
 from lumina_illus.config import RunConfig, save_config
-from lumina_illus.data import build_loader
 from lumina_illus.data.batch import Batch
+from lumina_illus.data.loader import build_loader
 from lumina_illus.evaluation import metrics as M
 from lumina_illus.families import get_family
 from lumina_illus.train import hooks
@@ -55,7 +55,8 @@ def train(cfg: RunConfig) -> TrainState:
     seed_everything(cfg.run.seed + env.rank)
     parts = get_family(cfg.family).build_training(cfg, env.device)
     engine = build_engine(cfg, parts, env)
-    loader = build_loader(cfg, rank=env.rank, world_size=env.world_size)
+    loader = build_loader(cfg.data, micro_batch=cfg.train.micro_batch, rank=env.rank,
+                          world_size=env.world_size, seed=cfg.run.seed)
     ema = ShardedEMA(engine.module, cfg.ema, env.rank, env.world_size) if cfg.ema.enabled else None
     # t / noise / caption-dropout draws of `prepare`: one stream per rank, saved in checkpoints
     gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank)
