@@ -52,11 +52,12 @@ class LatentCodec(nn.Module):
     """Frozen VAE: images <-> normalised latents. Never trains, never enters an optimizer."""
 
     def __init__(self, cfg: VAEConfig, device: torch.device | str = "cpu", vae: nn.Module | None = None) -> None:
+        """`vae`: an already built autoencoder to wrap (kept in its dtype); default: load cfg.path."""
         super().__init__()
         self.cfg = cfg
         if vae is None:
-            vae = load_autoencoder(cfg)
-        self.vae = vae.to(device=device, dtype=torch_dtype(cfg.dtype))
+            vae = load_autoencoder(cfg)  # loaded in cfg.dtype
+        self.vae = vae.to(device=device)
         self.vae.eval().requires_grad_(False)
         # 2 ** (number of down blocks - 1): 8 for both Flux and SDXL
         self.downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -148,4 +149,4 @@ def load_autoencoder(cfg: VAEConfig) -> nn.Module:
     root = Path(cfg.path) / (cfg.subfolder or "")
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"vae.path: {root} has no config.json (expected a diffusers AutoencoderKL folder)")
-    return AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder)
+    return AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder, torch_dtype=torch_dtype(cfg.dtype))

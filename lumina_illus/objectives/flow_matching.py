@@ -74,20 +74,24 @@ class FlowMatching:
     def sample_t(
         self, image_tokens: list[int] | torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """(B,) float32 times on the CPU, one per sample; `image_tokens` gives each sample's token count."""
-        tokens = torch.as_tensor(image_tokens, dtype=torch.float32)  # (B,)
+        """(B,) float32 times, one per sample, on the generator's device; `image_tokens` gives each
+        sample's token count (for the resolution shift)."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        tokens = torch.as_tensor(image_tokens, dtype=torch.float32, device=device)  # (B,)
         n = tokens.shape[0]
         if self.cfg.timestep == "uniform":
-            t = torch.rand(n, generator=generator)  # (B,)
+            t = torch.rand(n, generator=generator, device=device)  # (B,)
         else:
-            t = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(n, generator=generator))
+            z = torch.randn(n, generator=generator, device=device)  # (B,)
+            t = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * z)
         return time_shift(t, shift_factor(tokens, self.cfg))
 
     @staticmethod
     def sample_noise(latents: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """x0 ~ N(0, I) shaped like each latent; drawn on the CPU so a seed gives the same noise on any device."""
+        """x0 ~ N(0, I) shaped like each latent, drawn on the generator's device (reproducible per seed)."""
+        device = generator.device if generator is not None else torch.device("cpu")
         return [
-            torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype) for x in latents
+            torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype) for x in latents
         ]
 
     @staticmethod

@@ -151,7 +151,7 @@ class LuminaGenerator:
 
         def velocity(x: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
             xs = [xi.to(device, dtype) for xi in x]
-            out = self.model(xs, t.to(device, dtype), feats.to(device, dtype), mask.to(device))
+            out = self.model(xs, t.to(device), feats.to(device, dtype), mask.to(device))  # t stays fp32
             return [o.float() for o in out]
 
         return velocity

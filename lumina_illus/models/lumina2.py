@@ -1,0 +1,348 @@
+"""The "lumina2" family: NextDiT + frozen Gemma-2 + Flux VAE + rectified flow + flow sampler.
+
+Run config `model:` section (validated by `Lumina2Config`):
+
+    model:
+      arch: {preset: tiny}            # or NextDiTConfig fields, or {preset: 2b, attention: sdpa}
+      pretrained: /models/lumina2     # any layout NextDiT.from_pretrained reads; null: random init
+      text_encoder: {path: /models/gemma-2-2b}
+      vae: {path: /models/flux-ae}
+      objective: {timestep: logit_normal, shift: resolution}
+      sampler: {steps: 30, shift: 6.0, guidance: 4.0}
+
+The training module owns exactly the trainable parameters: the NextDiT (`dit.*`) and, only when
+`text_encoder.trainable`, Gemma (`text_encoder.*`, its own LR group). The VAE and a frozen Gemma
+live beside it and run in `prepare` under no_grad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lumina_illus.config import ConfigError, from_dict
+from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
+from lumina_illus.models.nextdit import NextDiT, NextDiTConfig, nextdit_2b, nextdit_tiny
+from lumina_illus.models.text_encoder import GemmaTextEncoder, TextEncoderConfig
+from lumina_illus.models.vae import LatentCodec, VAEConfig
+from lumina_illus.objectives.flow_matching import FlowMatching, FlowMatchingConfig
+from lumina_illus.sampling.flow import FlowSamplerConfig, LuminaGenerator
+
+if TYPE_CHECKING:
+    from lumina_illus.config import RunConfig
+    from lumina_illus.data.batch import Batch
+
+PRESETS = {"2b": nextdit_2b, "tiny": nextdit_tiny}
+TEXT_ENCODER_FILE = "text_encoder.safetensors"  # fine-tuned Gemma weights beside the DiT export
+# NextDiTConfig fields that change how the model runs, not what it is: allowed beside `pretrained`
+_RUNTIME_FIELDS = {"attention", "activation_checkpointing"}
+
+
+@dataclass
+class Lumina2Config:
+    arch: dict[str, Any] = field(default_factory=lambda: {"preset": "2b"})  # NextDiTConfig fields; "preset" picks defaults
+    pretrained: str | None = None  # checkpoint to start from (any layout); None: random init from `arch`
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    objective: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    sampler: FlowSamplerConfig = field(default_factory=FlowSamplerConfig)
+
+    def __post_init__(self) -> None:
+        self.nextdit()  # validate now, so a bad arch fails at config load with its key named
+
+    def nextdit(self) -> NextDiTConfig:
+        """The NextDiTConfig of `arch`: preset defaults overridden by the other keys."""
+        fields = dict(self.arch)
+        preset = fields.pop("preset", None)
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"arch.preset: {preset!r} is not one of {sorted(PRESETS)}")
+        try:
+            overrides = from_dict(NextDiTConfig, fields, where="model.arch", prefix="model.arch.")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        given = {k: getattr(overrides, k) for k in fields}
+        return PRESETS[preset](**given) if preset else overrides
+
+
+class Lumina2TrainingModule(nn.Module):
+    """What DeepSpeed wraps: trainable parameters only; forward computes the flow-matching loss."""
+
+    def __init__(self, dit: NextDiT, objective: FlowMatching, text_encoder: GemmaTextEncoder | None = None) -> None:
+        super().__init__()
+        self.dit = dit
+        self.text_encoder = text_encoder  # a submodule only when it trains
+        self.objective = objective
+
+    def forward(
+        self,
+        latents: list[torch.Tensor],  # B x (C, h, w) clean latents x1
+        noise: list[torch.Tensor],  # B x (C, h, w) x0
+        t: torch.Tensor,  # (B,) Lumina time
+        cap_feats: torch.Tensor | None = None,  # (B, L, D) frozen text features, or
+        cap_mask: torch.Tensor | None = None,  # (B, L) bool
+        input_ids: torch.Tensor | None = None,  # (B, L) token ids when the text encoder trains
+        attention_mask: torch.Tensor | None = None,  # (B, L)
+    ) -> LossOutput:
+        if input_ids is not None:
+            cap_feats, cap_mask = self.text_encoder(input_ids, attention_mask)
+        dtype = next(self.dit.parameters()).dtype
+        xt = self.objective.noisy_input(latents, noise, t)  # B x (C, h, w), fp32 mix
+        pred = self.dit([x.to(dtype) for x in xt], t, cap_feats.to(dtype), cap_mask)  # B x (C, h, w)
+        loss, per_sample = self.objective.loss(pred, self.objective.target(latents, noise))
+        return LossOutput(loss=loss, per_sample=per_sample, t=t.detach(), extras=self.objective.t_bin_losses(per_sample, t))
+
+
+class Lumina2Family:
+    name = "lumina2"
+    config_cls = Lumina2Config
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts:
+        mc: Lumina2Config = cfg.model
+        dit = build_dit(mc, cfg.source).to(device)
+        if cfg.train.activation_checkpointing:
+            dit.set_activation_checkpointing(True)
+        text_encoder = GemmaTextEncoder(mc.text_encoder, device)
+        if text_encoder.dim != dit.config.cap_feat_dim:
+            raise ConfigError(
+                f"{cfg.source}: model.text_encoder.path {mc.text_encoder.path} has hidden size {text_encoder.dim} "
+                f"but the NextDiT expects cap_feat_dim {dit.config.cap_feat_dim}"
+            )
+        codec = LatentCodec(mc.vae, device)
+        if codec.latent_channels != dit.config.in_channels:
+            raise ConfigError(
+                f"{cfg.source}: model.vae.path {mc.vae.path} has {codec.latent_channels} latent channels "
+                f"but the NextDiT expects in_channels {dit.config.in_channels}"
+            )
+        objective = FlowMatching(mc.objective)
+        trains_te = mc.text_encoder.trainable
+        module = Lumina2TrainingModule(dit, objective, text_encoder if trains_te else None)
+        groups: list[dict[str, Any]] = [
+            {"name": "dit", "params": [p for p in dit.parameters() if p.requires_grad], "lr": cfg.optim.lr}
+        ]
+        if trains_te:
+            lr = mc.text_encoder.lr or cfg.optim.text_encoder_lr or cfg.optim.lr
+            groups.append(
+                {"name": "text_encoder", "params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": lr}
+            )
+        patch = dit.config.patch_size
+
+        def prepare(batch: Batch, generator: torch.Generator) -> dict[str, Any]:
+            with torch.no_grad():
+                if batch.latents is not None:
+                    latents = [z.to(device, torch.float32) for z in batch.latents]
+                elif batch.images is not None:
+                    latents = codec.encode([img.to(device) for img in batch.images])
+                else:
+                    raise ValueError(f"batch {batch.keys[:3]}...: holds neither images nor latents")
+                t = objective.sample_t([z.shape[1] * z.shape[2] // patch**2 for z in latents], generator)
+                noise = objective.sample_noise(latents, generator)
+                inputs: dict[str, Any] = {"latents": latents, "noise": noise, "t": t.to(device)}
+                if trains_te:
+                    inputs["input_ids"], inputs["attention_mask"] = text_encoder.tokenize(batch.captions)
+                elif batch.text_embeds is not None:
+                    inputs["cap_feats"], inputs["cap_mask"] = pad_features(batch.text_embeds, device)
+                else:
+                    inputs["cap_feats"], inputs["cap_mask"] = text_encoder.encode(batch.captions)
+            return inputs
+
+        def image_tokens(batch: Batch) -> list[int]:
+            if batch.latents is not None:
+                return [z.shape[1] * z.shape[2] // patch**2 for z in batch.latents]
+            f = codec.downscale * patch
+            return [img.shape[1] * img.shape[2] // f**2 for img in batch.images or []]
+
+        te_params = sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)
+
+        def flops(batch: Batch) -> float:
+            # forward + backward = 3x forward; the frozen encoder's forward is not training work
+            cap = text_encoder.tokenize(batch.captions)[1].sum(1).tolist()
+            total = sum(dit.flops(n, c) for n, c in zip(image_tokens(batch), cap))
+            total += 2 * te_params * sum(cap)  # a trainable Gemma: 2 FLOPs per parameter per token
+            return 3.0 * total
+
+        def export(state_dict: dict[str, torch.Tensor], out_dir: Path, metadata: dict[str, Any]) -> list[Path]:
+            return export_weights(state_dict, dit.config, Path(out_dir), metadata, cfg.checkpoint.export_layouts)
+
+        def generator(live: nn.Module) -> LuminaGenerator:
+            live = getattr(live, "module", live)  # a DeepSpeed engine holds the module
+            te = live.text_encoder if live.text_encoder is not None else text_encoder
+            return LuminaGenerator(live.dit, te, codec, mc.sampler, patch_size=patch)
+
+        return TrainingParts(
+            module=module,
+            param_groups=groups,
+            prepare=prepare,
+            flops=flops,
+            export=export,
+            generator=generator,
+            tokens=lambda b: sum(image_tokens(b)),
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def load_generator(self, path: str | Path, device: torch.device | str = "cpu", **kwargs: Any) -> LuminaGenerator:
+        """Sampler over an exported checkpoint: a ckpt/step_X folder (its ema/ weights when present),
+        one exported file (original/ComfyUI layout) or a diffusers transformer folder.
+
+        kwargs: text_encoder_path, vae_path (needed for checkpoints without our metadata),
+        dtype ("fp32" | "bf16" | "fp16", default fp32 on CPU and bf16 on GPU), and any
+        FlowSamplerConfig field (steps, guidance, shift, ...)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        weights = path / "ema" if path.is_dir() and _has_weights(path / "ema") else path
+        meta = read_metadata(weights) or read_metadata(path)
+        model_cfg = _model_config_from_metadata(meta, path)
+        te_cfg = dataclasses.replace(model_cfg.text_encoder, trainable=False)
+        vae_cfg = model_cfg.vae
+        if kwargs.get("text_encoder_path"):
+            te_cfg = dataclasses.replace(te_cfg, path=str(kwargs.pop("text_encoder_path")))
+        if kwargs.get("vae_path"):
+            vae_cfg = dataclasses.replace(vae_cfg, path=str(kwargs.pop("vae_path")))
+        kwargs.pop("text_encoder_path", None)
+        kwargs.pop("vae_path", None)
+        for name, value in (("text_encoder", te_cfg.path), ("vae", vae_cfg.path)):
+            if not value:
+                raise ValueError(
+                    f"{path}: no {name} path: the checkpoint has no lumina_illus metadata naming it; "
+                    f"pass {name}_path=..."
+                )
+        device = torch.device(device)
+        dtype_name = kwargs.pop("dtype", "fp32" if device.type == "cpu" else "bf16")
+        from lumina_illus.models.vae import torch_dtype
+
+        sampler_fields = {f.name for f in dataclasses.fields(FlowSamplerConfig)}
+        unknown = set(kwargs) - sampler_fields
+        if unknown:
+            raise TypeError(f"load_generator: unknown options {sorted(unknown)}; sampler fields: {sorted(sampler_fields)}")
+        sampler = dataclasses.replace(model_cfg.sampler, **kwargs)
+
+        dit = NextDiT.from_pretrained(weights, dtype=torch_dtype(dtype_name), device=device).eval()
+        dit.requires_grad_(False)
+        te = GemmaTextEncoder(te_cfg, device)
+        te_file = (weights if weights.is_dir() else weights.parent) / TEXT_ENCODER_FILE
+        if te_file.is_file():  # the run fine-tuned Gemma: its weights replace the base ones
+            from safetensors.torch import load_file
+
+            te.model.load_state_dict(load_file(str(te_file)))
+        codec = LatentCodec(vae_cfg, device)
+        return LuminaGenerator(dit, te, codec, sampler, patch_size=dit.config.patch_size)
+
+    def detect(self, path: str | Path) -> bool:
+        """True for our exports and for NextDiT checkpoints in the original, ComfyUI or diffusers layout;
+        reads tensor names only, never the weights."""
+        from lumina_illus.models.checkpoint_io import COMFY_FILE, COMFY_PREFIX, DIFFUSERS_DIR, ORIGINAL_FILE
+
+        p = Path(path)
+        if read_metadata(p).get("family") == self.name:
+            return True
+        if p.is_dir():
+            for folder in (p, p / DIFFUSERS_DIR, p / "ema", p / "ema" / DIFFUSERS_DIR):
+                config = folder / "config.json"
+                if config.is_file() and json.loads(config.read_text()).get("_class_name") == "Lumina2Transformer2DModel":
+                    return True
+            files = [f for f in (p / ORIGINAL_FILE, p / COMFY_FILE, p / "ema" / ORIGINAL_FILE) if f.is_file()]
+            if not files:
+                return False
+            p = files[0]
+        if p.suffix != ".safetensors" or not p.is_file():
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:
+            keys = [k.removeprefix(COMFY_PREFIX) for k in f.keys()]
+        # SDXL single files share ComfyUI's prefix: look for NextDiT's own modules
+        return any(k.startswith(("cap_embedder.", "time_caption_embed.")) or ".attention.qkv." in k for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def build_dit(mc: Lumina2Config, where: str = "<config>") -> NextDiT:
+    """Random NextDiT from `arch`, or the `pretrained` checkpoint (whose config must agree with `arch`)."""
+    arch = mc.nextdit()
+    if mc.pretrained is None:
+        return NextDiT(arch)
+    if not Path(mc.pretrained).exists():
+        raise FileNotFoundError(f"{where}: model.pretrained: {mc.pretrained} does not exist")
+    dit = NextDiT.from_pretrained(mc.pretrained, dtype=torch.float32)
+    given = {k for k in mc.arch if k != "preset"}
+    for k in sorted(given - _RUNTIME_FIELDS):
+        if getattr(arch, k) != getattr(dit.config, k):
+            raise ConfigError(
+                f"{where}: model.arch.{k} = {getattr(arch, k)!r} but {mc.pretrained} has {getattr(dit.config, k)!r}"
+            )
+    for k in given & _RUNTIME_FIELDS:
+        setattr(dit.config, k, getattr(arch, k))
+    return dit
+
+
+def pad_features(feats: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached per-sample text features B x (L_i, D) -> ((B, max L, D) right padded, (B, max L) bool mask)."""
+    n = max(f.shape[0] for f in feats)
+    out = torch.zeros(len(feats), n, feats[0].shape[1], device=device)  # (B, n, D)
+    mask = torch.zeros(len(feats), n, dtype=torch.bool, device=device)  # (B, n)
+    for i, f in enumerate(feats):
+        out[i, : f.shape[0]] = f.to(device, torch.float32)
+        mask[i, : f.shape[0]] = True
+    return out, mask
+
+
+def export_weights(
+    state_dict: dict[str, torch.Tensor],
+    dit_cfg: NextDiTConfig,
+    out_dir: Path,
+    metadata: dict[str, Any],
+    layouts: list[str],
+) -> list[Path]:
+    """Training-module state dict -> NextDiT files in every layout (checkpoint_io names) plus, when the
+    text encoder trained, `text_encoder.safetensors`. Keys must be `dit.*` or `text_encoder.*`."""
+    from safetensors.torch import save_file
+
+    from lumina_illus.models.checkpoint_io import export_layouts
+
+    dit_sd, te_sd, other = {}, {}, []
+    for k, v in state_dict.items():
+        if k.startswith("dit."):
+            dit_sd[k[4:]] = v
+        elif k.startswith("text_encoder.model."):
+            te_sd[k[len("text_encoder.model.") :]] = v
+        else:
+            other.append(k)
+    if other:
+        raise ValueError(f"export to {out_dir}: unexpected keys (not dit.* / text_encoder.*): {other[:5]}")
+    paths = export_layouts(dit_sd, dit_cfg, out_dir, layouts=layouts, metadata=metadata, dtype=None)
+    if te_sd:
+        path = out_dir / TEXT_ENCODER_FILE
+        tensors = {k: v.detach().cpu().contiguous() for k, v in te_sd.items()}
+        save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)})
+        paths.append(path)
+    return paths
+
+
+def _has_weights(path: Path) -> bool:
+    return path.is_dir() and (any(path.glob("*.safetensors")) or (path / "diffusers").is_dir())
+
+
+def _model_config_from_metadata(meta: dict[str, Any], path: Path) -> Lumina2Config:
+    """The `model:` section stored in an export's metadata; defaults for foreign checkpoints."""
+    if not meta:
+        return Lumina2Config(arch={})
+    if meta.get("family") not in (None, "lumina2"):
+        raise ValueError(f"{path}: a {meta['family']!r} checkpoint, not lumina2")
+    model = (meta.get("config") or {}).get("model")
+    if model is None:
+        return Lumina2Config(arch={})
+    return from_dict(Lumina2Config, model, where=f"{path} (metadata)", prefix="model.")
+
+
+FAMILY = Lumina2Family()
