@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lumina_illus.evaluation import metrics
+from lumina_illus.evaluation.plotting import pyplot, save_figure
 
 
 def curve_point(info: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
@@ -22,11 +23,7 @@ def curve_point(info: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str,
 def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str | Path,
                 title: str = "character recall vs image samples seen") -> Path:
     """One line per run (x = samples seen, y = recall, band = 95% Wilson interval); returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)  # 800 x 500 px
     for label, pts in curves.items():
         pts = sorted((p for p in pts if p["samples_seen"] is not None), key=lambda p: p["samples_seen"])
@@ -42,11 +39,7 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str 
     ax.grid(alpha=0.3)
     if curves:
         ax.legend()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def write_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path) -> tuple[Path, Path]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lumina_illus.evaluation.plotting import pyplot, save_figure
 from lumina_illus.families import Generator
 
 DEFAULT_CUTOFF = 1 / 32  # cycles per pixel between "low" and "high" (periods longer than 32 px are low)
@@ -93,11 +94,7 @@ def denoise_spectra(
 def plot_spectra(result: dict[str, Any], out_png: str | Path) -> Path:
     """Left: low/high-frequency (and DC) energy of decoded x_t and x0 over the steps (log scale).
     Right: radially averaged spectra of the decoded x0 per step (colour = step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["trajectory"]
     steps = [r["step"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)  # 1200 x 450 px
@@ -118,8 +115,4 @@ def plot_spectra(result: dict[str, Any], out_png: str | Path) -> Path:
     b.set_ylabel("radial power of decoded x0")
     b.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

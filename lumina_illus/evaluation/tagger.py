@@ -11,13 +11,14 @@ probability per row of the CSV (the v3 graphs end in a sigmoid).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from lumina_illus.evaluation.csv_rows import int_field, read_rows, text_field
 
 CATEGORY_GENERAL = 0
 CATEGORY_CHARACTER = 4
@@ -31,27 +32,9 @@ class Tag:
 
 
 def load_tags(path: str | Path) -> list[Tag]:
-    """Rows of a WD `selected_tags.csv` in model output order; errors name the file, row and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: tag list not found (a WD tagger folder needs selected_tags.csv)")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"name", "category"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: header lacks {sorted(missing)}; expected tag_id,name,category,count")
-        tags = []
-        for row_no, row in enumerate(reader, start=2):
-            try:
-                category = int(row["category"])
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}:{row_no}: field 'category' = {row['category']!r} is not an integer") from None
-            if not row["name"]:
-                raise ValueError(f"{path}:{row_no}: field 'name' is empty")
-            tags.append(Tag(row["name"], category))
-    if not tags:
-        raise ValueError(f"{path}: no tags")
-    return tags
+    """Rows of a WD `selected_tags.csv` in model output order; errors name the file, line and field."""
+    rows = read_rows(path, ("name", "category"), "WD tag list (selected_tags.csv)")
+    return [Tag(text_field(path, line, row, "name"), int_field(path, line, row, "category")) for line, row in rows]
 
 
 def wd_preprocess(image: Image.Image, size: int) -> np.ndarray:
