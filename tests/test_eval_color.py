@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lumina_illus.evaluation.color import colorfulness, failure_flags, folder_stats, image_stats
+from lumina_illus.data.control import colorfulness
+from lumina_illus.evaluation.color import failure_flags, folder_stats, image_stats
 
 ROOT = Path(__file__).parents[1]
 
@@ -23,9 +24,9 @@ def test_image_stats_known_values():
     arr[:, 6:8] = (255, 0, 0)  # 20% pure red
     st = image_stats(Image.fromarray(arr))  # last 20% black
     assert st["white_frac"] == pytest.approx(0.6) and st["black_frac"] == pytest.approx(0.2)
-    assert st["mean_saturation"] == pytest.approx(0.2 * 255)  # only red is saturated
-    # Rec.601 luma: white 255, red 0.299 * 255 = 76.245 -> PIL rounds to 76
-    assert st["brightness"] == pytest.approx(0.6 * 255 + 0.2 * 76, abs=0.01)
+    assert st["saturation_mean"] == pytest.approx(0.2 * 255)  # only red is saturated
+    # Rec.601 luma: white 255, red 0.299 * 255
+    assert st["brightness"] == pytest.approx(0.6 * 255 + 0.2 * 0.299 * 255)
     # colorfulness by hand: rg = R-G, yb = (R+G)/2 - B per pixel
     rg = np.array([0] * 6 + [255] * 2 + [0] * 2, float)
     yb = np.array([0] * 6 + [127.5] * 2 + [0] * 2, float)
@@ -35,11 +36,17 @@ def test_image_stats_known_values():
     assert colorfulness(np.full((2, 2, 3), (255, 0, 0), np.uint8)) == pytest.approx(0.3 * np.hypot(255, 127.5))
 
 
+def test_white_share_is_measured_at_full_resolution():
+    arr = np.zeros((1024, 1024, 3), np.uint8)
+    arr[::2] = 255  # every other row white: a resized thumbnail would blur this to grey
+    assert image_stats(Image.fromarray(arr))["white_frac"] == 0.5
+
+
 def test_saturation_matches_colorsys():
     rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     ref = np.array([[colorsys.rgb_to_hsv(*(px / 255.0))[1] * 255 for px in row] for row in rgb])  # (8, 8)
     st = image_stats(Image.fromarray(rgb))
-    assert st["mean_saturation"] == pytest.approx(ref.mean(), abs=0.6)
+    assert st["saturation_mean"] == pytest.approx(ref.mean(), abs=0.6)
     assert st["saturation_std"] == pytest.approx(ref.std(), abs=0.6)
 
 

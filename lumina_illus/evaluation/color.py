@@ -4,8 +4,9 @@
     folder_stats(folder)              -> means over a folder of images
     failure_flags(stats, reference)   -> the seed's v3.0-vpred failure modes, with reasons
 
-Scales: saturation and brightness are 0..255 (HSV S as in PIL/OpenCV, Rec.601 luma); colorfulness is
-Hasler & Suesstrunk (2003), M = sigma_rgyb + 0.3 * mu_rgyb on 0..255 RGB (0 for grey images).
+The colour statistics themselves (saturation and brightness 0..255, Hasler-Suesstrunk colorfulness) are
+the ones the data pipeline computes for control tokens (lumina_illus.data.control), so generated samples
+and training data are measured the same way.
 """
 
 from __future__ import annotations
@@ -19,36 +20,21 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from lumina_illus.data.control import METRICS, color_stats
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-STAT_KEYS = ("white_frac", "black_frac", "mean_saturation", "saturation_std", "colorfulness", "brightness", "contrast")
-
-
-def colorfulness(rgb: np.ndarray) -> float:
-    """Hasler-Suesstrunk colorfulness of an (H, W, 3) RGB array on 0..255."""
-    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
-    rg = r - g  # (H, W) red-green opponent
-    yb = 0.5 * (r + g) - b  # (H, W) yellow-blue opponent
-    sigma = np.sqrt(rg.std() ** 2 + yb.std() ** 2)
-    mu = np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
-    return float(sigma + 0.3 * mu)
+STAT_KEYS = ("white_frac", "black_frac", *METRICS)
 
 
 def image_stats(img: Image.Image) -> dict[str, float]:
-    """Per-image statistics: white_frac / black_frac (share of pixels exactly #FFFFFF / #000000),
-    mean_saturation and saturation_std (HSV S, 0..255), colorfulness, brightness (mean luma, 0..255),
-    contrast (std of luma)."""
-    rgb_img = img.convert("RGB")
-    rgb = np.asarray(rgb_img)  # (H, W, 3) uint8
-    sat = np.asarray(rgb_img.convert("HSV"))[..., 1].astype(np.float64)  # (H, W) 0..255
-    luma = np.asarray(rgb_img.convert("L")).astype(np.float64)  # (H, W) Rec.601, 0..255
+    """Per-image statistics: white_frac / black_frac (share of pixels exactly #FFFFFF / #000000, on the
+    full-resolution image) plus the data pipeline's colour statistics (lumina_illus.data.control:
+    brightness, contrast, sharpness, dynamic_range, colorfulness, saturation_mean, saturation_std)."""
+    rgb = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
     return {
         "white_frac": float((rgb == 255).all(-1).mean()),
         "black_frac": float((rgb == 0).all(-1).mean()),
-        "mean_saturation": float(sat.mean()),
-        "saturation_std": float(sat.std()),
-        "colorfulness": colorfulness(rgb),
-        "brightness": float(luma.mean()),
-        "contrast": float(luma.std()),
+        **color_stats(img),
     }
 
 
@@ -99,12 +85,12 @@ def failure_flags(
         flags["white_collapse"] = f"{w:.2%} of pixels are exactly #FFFFFF (>= {th.white_abs:.0%})"
     elif reference is not None and w >= reference["white_frac"] + th.white_margin:
         flags["white_collapse"] = f"{w:.2%} pure-white pixels vs {reference['white_frac']:.2%} in the reference"
-    s = stats["mean_saturation"]
+    s = stats["saturation_mean"]
     if reference is None:
         if s >= th.saturation_abs:
             flags["oversaturation"] = f"mean saturation {s:.1f} >= {th.saturation_abs:.0f}"
     else:
-        rs, rc = reference["mean_saturation"], reference["colorfulness"]
+        rs, rc = reference["saturation_mean"], reference["colorfulness"]
         if s >= th.saturation_ratio * rs:
             flags["oversaturation"] = f"mean saturation {s:.1f} vs {rs:.1f} in the reference (x{s / max(rs, 1e-9):.2f})"
         elif stats["colorfulness"] >= th.colorfulness_ratio * rc:
