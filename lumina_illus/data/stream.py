@@ -80,23 +80,28 @@ def decode_sample(
         if not isinstance(meta, dict):
             raise SkipSample("bad_json", f"json is a {type(meta).__name__}, expected an object")
     text = ts.files["txt"].decode("utf-8", errors="replace") if "txt" in ts.files else None
-    try:
-        caption = build_caption(cap, text, meta, rng)
-    except CaptionError as e:
-        raise SkipSample("missing_caption", str(e)) from None
+    if latent_mode and "cached_caption" in meta:
+        # text features were cached for this exact caption (data/cache_latents.py --text-embeds)
+        caption = str(meta["cached_caption"])
+    else:
+        try:
+            caption = build_caption(cap, text, meta, rng)
+        except CaptionError as e:
+            raise SkipSample("missing_caption", str(e)) from None
 
     if latent_mode:
         if LATENT_EXT not in ts.files:
             raise SkipSample("missing_image", f"no {LATENT_EXT} in a latent shard")
         try:
             tensors = load_safetensors(ts.files[LATENT_EXT])
-            latent = tensors["latent"]  # (C, h, w)
+            latent = tensors["latent"].float()  # (C, h, w); stored bf16 by default
+            embeds = tensors["text_embeds"].float() if "text_embeds" in tensors else None  # (L, D)
             bucket = (int(meta["bucket"][0]), int(meta["bucket"][1]))
             original = (int(meta["original_size"][0]), int(meta["original_size"][1]))
             crop = (int(meta["crop"][0]), int(meta["crop"][1]))
         except Exception as e:  # missing keys, bad safetensors
             raise SkipSample("bad_json", f"latent sample incomplete: {e}") from None
-        return dict(caption=caption, pixels=None, latent=latent, text_embeds=tensors.get("text_embeds"),
+        return dict(caption=caption, pixels=None, latent=latent, text_embeds=embeds,
                     original_size=original, crop=crop, bucket=bucket)
 
     ext = next((e for e in IMAGE_EXTS if e in ts.files), None)
