@@ -39,6 +39,7 @@ from lumina_illus.evaluation.characters import load_characters  # noqa: E402
 from lumina_illus.evaluation.checkpoints import checkpoint_info, find_checkpoints  # noqa: E402
 from lumina_illus.evaluation.curves import curve_point, log_curves_wandb, write_curves  # noqa: E402
 from lumina_illus.evaluation.image_cache import ImageCache, checkpoint_id  # noqa: E402
+from lumina_illus.evaluation.stats import DEFAULT_BUCKET_EDGES  # noqa: E402
 from lumina_illus.evaluation.tagger import WDTagger  # noqa: E402
 from lumina_illus.families import detect_family, read_metadata  # noqa: E402
 
@@ -71,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--guidance", type=float, help="CFG scale (default: the family's)")
     ap.add_argument("--negative", default="", help="negative prompt")
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="character tag probability for a hit")
+    ap.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKET_EDGES)),
+                    help="train_samples bucket edges, increasing, comma-separated")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-characters", type=int, help="evaluate only the first N characters")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         templates = tuple(t for t in Path(args.templates).read_text().splitlines() if t.strip())
     sizes = parse_sizes(args.sizes)
     seeds = [int(s) for s in args.seeds.split(",")]
+    buckets = [int(b) for b in args.buckets.split(",")]
     if args.out:
         out = Path(args.out)
     elif first.is_dir() and first.parent.name == "ckpt":
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                 LazyGenerator(ckpt, device), characters, tagger, sizes=sizes, seeds=seeds, templates=templates,
                 steps=args.steps, guidance=args.guidance, negative_prompt=args.negative,
                 threshold=args.threshold, batch_size=args.batch_size, cache=cache,
-                ckpt_id=checkpoint_id(ckpt), progress=not args.quiet,
+                ckpt_id=checkpoint_id(ckpt), bucket_edges=buckets, progress=not args.quiet,
             )
             result.update(checkpoint=info)
             dest = out / label / f"{ckpt.stem if ckpt.is_file() else ckpt.name}.json"

@@ -212,11 +212,12 @@ def test_cli_over_run_folders_from_cache(tmp_path, tagger, capsys):
             run(ShapeGenerator(levels[level]), tagger, cache=cache, ckpt_id=checkpoint_id(ck))
     curves = cli.main([str(tmp_path / "runA"), "--compare", str(tmp_path / "runB"), "--characters", str(chars),
                        "--tagger", str(tagger.folder), "--out", str(out), "--sizes", "64x64,48x80", "--seeds", "0,1",
-                       "--templates", str(_templates(tmp_path)), "--wandb", "disabled", "--quiet", "--threads", "1"])
+                       "--templates", str(_templates(tmp_path)), "--buckets", "0,1000", "--wandb", "disabled", "--quiet", "--threads", "1"])
     assert [p["samples_seen"] for p in curves["runA"]] == [3200, 6400]
     assert [p["recall"] for p in curves["runA"]] == [0.5, 0.25] and curves["runB"][0]["recall"] == 1.0
     saved = json.loads((out / "runA" / "step_0000100.json").read_text())
     assert saved["checkpoint"]["samples_seen"] == 3200 and saved["images"]["generated"] == 0
+    assert [(b["label"], b["hits"], b["n"]) for b in saved["per_bucket"]] == [("0-999", 4, 16), (">=1000", 12, 16)]
     assert (out / "curve.png").is_file() and set(json.loads((out / "curve.json").read_text())) == {"runA", "runB"}
     assert "recall 0.500" in capsys.readouterr().out
 
