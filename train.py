@@ -51,14 +51,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from lumina_illus.train import train
 
+    import torch.distributed as dist
+
     try:
         state = train(cfg)
+        if dist.get_rank() == 0:
+            print(f"done: step {state.step}, {state.samples_seen} samples seen, {state.skipped_steps} skipped steps")
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
-    print(f"done: step {state.step}, {state.samples_seen} samples seen, {state.skipped_steps} skipped steps")
     return 0
 
 

@@ -81,13 +81,15 @@ def train(cfg: RunConfig) -> TrainState:
             stats = StepStats()
             t0 = time.perf_counter()
             lr = set_lr(engine, lr_factor(state.step, cfg.optim, cfg.train.max_steps))
-            for _ in range(cfg.train.grad_accum):
+            for micro in range(cfg.train.grad_accum):
                 batch = _timed_next(batches, stats)
+                stats.add_keys(batch.keys, micro)
                 inputs = parts.prepare(batch, gen)  # frozen no-grad work: latents, text features, t, noise
                 out = engine(**inputs)  # LossOutput
                 engine.backward(out.loss)  # scaled by 1/grad_accum inside DeepSpeed
                 engine.step()  # optimizer update on the accumulation boundary only
                 stats.add_losses(out.per_sample, out.t)
+                stats.add_extras(out.extras)
                 stats.samples += len(batch)
                 stats.tokens += parts.tokens(batch)
                 stats.flops += parts.flops(batch)
@@ -109,7 +111,7 @@ def train(cfg: RunConfig) -> TrainState:
 
             grad_norm = engine.get_global_grad_norm()
             metrics = step_metrics(
-                g, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                g, stats, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                 samples_seen=state.samples_seen, skipped=state.skipped_steps, peak=peak,
                 world=env.world_size, mem=memory_gib(env.device),
             )

@@ -9,6 +9,7 @@ import json
 import math
 import resource
 import subprocess
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def memory_gib(device: torch.device) -> float:
 
 # layout of the per-rank vector gathered every step
 _SCALARS = ("step_time", "data_wait", "samples", "tokens", "flops", "loss_sum", "loss_count",
-            "stop", "save_now", "nonfinite_loss")
+            "stop", "save_now", "nonfinite_loss", "keys_crc")
 _NB = M.LOSS_T_BINS
 
 
@@ -76,8 +77,20 @@ class StepStats:
     stop: bool = False  # this rank got SIGTERM/SIGUSR1
     save_now: bool = False  # checkpoint clock fired (only rank 0's answer is used)
     nonfinite_loss: int = 0
+    keys_crc: int = 0  # fingerprint of the data order: sum of crc32(key) * (position in step + 1)
+    extras: dict[str, float] = field(default_factory=dict)  # LossOutput.extras summed over micro-batches
+    micro_batches: int = 0
     bin_sum: list[float] = field(default_factory=lambda: [0.0] * _NB)
     bin_count: list[int] = field(default_factory=lambda: [0] * _NB)
+
+    def add_keys(self, keys: list[str], micro: int) -> None:
+        """Fold the sample keys of micro-batch `micro` of this step into `keys_crc`."""
+        self.keys_crc += sum(zlib.crc32(k.encode()) * (micro + 1) for k in keys)
+
+    def add_extras(self, extras: dict[str, float]) -> None:
+        self.micro_batches += 1
+        for k, v in extras.items():
+            self.extras[k] = self.extras.get(k, 0.0) + float(v)
 
     def add_losses(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
         """per_sample (B,) losses and their t (B,) in [0, 1]: into the total and the 10 t-bins."""
@@ -116,14 +129,16 @@ def gather_stats(stats: StepStats, device: torch.device) -> dict[str, Any]:
         "stop": bool(col["stop"].max() > 0),
         "save_now": bool(col["save_now"][0] > 0),  # rank 0's clock decides for everyone
         "nonfinite_loss": int(col["nonfinite_loss"].sum()),
+        "keys_crc": int(col["keys_crc"].sum()),
         "bin_sum": table[:, n : n + _NB].sum(0).tolist(),
         "bin_count": table[:, n + _NB : n + 2 * _NB].sum(0).tolist(),
     }
 
 
-def step_metrics(g: dict[str, Any], *, lr: float, grad_norm: float | None, samples_seen: int,
+def step_metrics(g: dict[str, Any], stats: StepStats, *, lr: float, grad_norm: float | None, samples_seen: int,
                  skipped: int, peak: float | None, world: int, mem: float) -> dict[str, float]:
-    """Loggable metrics of one step from the gathered stats (names from evaluation.metrics)."""
+    """Loggable metrics of one step from the gathered stats (names from evaluation.metrics) and this
+    rank's own `stats` (family extras)."""
     dt = g["step_time_max"]  # the step is as slow as its slowest rank
     out = {
         M.LOSS: g["loss"],
@@ -136,11 +151,15 @@ def step_metrics(g: dict[str, Any], *, lr: float, grad_norm: float | None, sampl
         M.STEP_TIME_SPREAD: g["step_time_spread"],
         M.MEM_GB: mem,
         "perf/step_time_s": dt,
+        "data/keys_crc": g["keys_crc"],  # identical across an exact resume
     }
     if grad_norm is not None:
         out[M.GRAD_NORM] = grad_norm
     if peak:
         out[M.MFU] = g["flops"] / dt / (peak * world)
+    # family-specific scalars: rank-local means over this step's micro-batches (not gathered)
+    for k, v in stats.extras.items():
+        out[f"family/{k}"] = v / max(1, stats.micro_batches)
     for i, (s, c) in enumerate(zip(g["bin_sum"], g["bin_count"])):
         if c > 0:
             out[M.LOSS_T[i]] = s / c
