@@ -181,12 +181,12 @@ class JointTransformerBlock(nn.Module):
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, seqs))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        mod = self.adaLN_modulation(adaln).index_select(0, seqs.sample_id)  # (N, 4D): per-sample, per token
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)  # (N, D) each
-        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, seqs)
-        x = x + gate_msa.tanh() * self.attention_norm2(h)
-        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-        return x + gate_mlp.tanh() * self.ffn_norm2(h)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).chunk(4, dim=-1)  # (B, D) each
+        # 1 + scale and tanh(gate) once per sample, then one gather to tokens
+        mod = torch.cat([1 + scale_msa, gate_msa.tanh(), 1 + scale_mlp, gate_mlp.tanh()], dim=-1)  # (B, 4D)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.index_select(0, seqs.sample_id).chunk(4, dim=-1)  # (N, D)
+        x = x + gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, rope, seqs))
+        return x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -198,8 +198,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim))
 
     def forward(self, x: torch.Tensor, adaln: torch.Tensor, sample_id: torch.Tensor) -> torch.Tensor:
-        scale = self.adaLN_modulation(adaln).index_select(0, sample_id)  # (N, D)
-        x = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6).type_as(x) * (1 + scale)
+        scale = (1 + self.adaLN_modulation(adaln)).index_select(0, sample_id)  # (N, D)
+        x = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6).type_as(x) * scale
         return self.linear(x)  # (N, p*p*C)
 
 
