@@ -11,6 +11,7 @@ tagger come from `sample_world` with another seed.
 from __future__ import annotations
 
 import csv
+import io
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,16 +167,29 @@ def world_info(cfg: WorldConfig) -> dict[str, Any]:
 
 def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
     """Render the world into `out_dir/shards/toy-*.tar` (+ manifest.json) through the project's shard
-    writer and write `out_dir/characters.csv`; returns the shard manifest."""
+    writer, with control tokens (data/control.py: colour statistics, levels by the world's quartiles),
+    and write `out_dir/characters.csv`; returns the shard manifest."""
+    from lumina_illus.data.control import METRICS, color_stats, control_tokens, is_colorful, quartile_edges
     from lumina_illus.data.shards import write_shards
 
     out = Path(out_dir)
     samples = sample_world(cfg)
+    # pass 1: render once, keep the PNG bytes (~13 KB each) and the colour statistics
+    pngs, stats = [], []
+    for s in tqdm(samples, desc="toy world renders", unit="img"):
+        img = render(s.scene)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+        stats.append(color_stats(img))
+    # the control-token levels are quartiles over this dataset, as annotate_colors.py does for real data
+    edges = quartile_edges({m: [st[m] for st in stats] for m in METRICS})
 
     def records():
-        for s in tqdm(samples, desc="toy world shards", unit="img"):
-            img = render(s.scene)
-            yield {"__key__": s.key, "png": img, "txt": s.caption, "json": sample_json(s)}
+        for s, png, st in zip(samples, pngs, stats):
+            meta = sample_json(s)
+            meta.update(color=st, control=control_tokens(st, edges), colorful=is_colorful(st))
+            yield {"__key__": s.key, "png": png, "txt": s.caption, "json": meta}
 
     manifest = write_shards(records(), out / "shards", cfg.samples_per_shard, prefix="toy")
     write_characters_csv(out / "characters.csv", cfg.counts())
