@@ -103,8 +103,10 @@ class GemmaTextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) ids and mask -> (B, L, D) features of hidden_states[layer], (B, L) bool mask."""
         out = self.model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        feats = out.hidden_states[self.cfg.layer]  # (B, L, D)
-        return feats, attention_mask.bool()
+        mask = attention_mask.bool()
+        # padding positions hold garbage Gemma states: zero them so cached and live features agree
+        feats = out.hidden_states[self.cfg.layer] * mask[..., None]  # (B, L, D)
+        return feats, mask
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> ((B, L, D) features, (B, L) bool mask). No gradients unless the encoder is trainable."""
