@@ -223,3 +223,30 @@ def test_pretrained_start_and_arch_conflict(paths, tmp_path):
         assert torch.equal(v, w), k
     with pytest.raises(ConfigError, match=r"model\.arch\.n_layers = 5 but .*lumina2\.safetensors has 2"):
         FAMILY.build_training(_cfg(paths, pretrained=start, arch={"preset": "tiny", "n_layers": 5}), torch.device("cpu"))
+
+
+def test_sample_cli_writes_images(paths, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from lumina_illus.sample import main
+
+    cfg = _cfg(paths)
+    parts = FAMILY.build_training(cfg, torch.device("cpu"))
+    _randomize(parts.module)
+    _export(parts, cfg, tmp_path / "step")
+    out = tmp_path / "img.png"
+    written = main(["--ckpt", str(tmp_path / "step"), "--prompt", "1girl, red hair", "--size", "48x32",
+                    "--steps", "2", "--cfg", "3", "--seed", "1", "--out", str(out), "--device", "cpu"])
+    assert written == [out] and Image.open(out).size == (48, 32)
+    expected = FAMILY.load_generator(tmp_path / "step").generate(["1girl, red hair"], [(48, 32)], [1], steps=2, guidance=3)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected[0]))
+    two = main(["--ckpt", str(tmp_path / "step"), "--prompt", "a", "--prompt", "b", "--size", "32x32",
+                "--steps", "1", "--out", str(tmp_path / "many.png"), "--device", "cpu"])
+    assert [p.name for p in two] == ["many_0.png", "many_1.png"]
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(tmp_path / "step"), "--prompt", "a", "--size", "big"])
+    help_text = subprocess.run([sys.executable, "-m", "lumina_illus.sample", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "--ckpt" in help_text.stdout
