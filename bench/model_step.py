@@ -7,7 +7,8 @@ captions padded to the group's longest. Runs alternate between the two models to
 Also times the two SDPA formulations of packed attention (padded block vs block-diagonal mask),
 and prints the analytic FLOPs of the 2.6B model at 1024x1024 with the H100 images/s they imply.
 
-On a GPU: `--device cuda --dtype bf16 --preset 2b --no-reference [--attention flash|sdpa]` gives
+On a GPU: `--device cuda --dtype bf16 --preset 2b --scale 4 --no-reference --activation-checkpointing
+[--attention flash|sdpa]` gives
 tokens/s and MFU of the full model (989 TFLOP/s bf16 dense peak for H100 SXM).
 """
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--attention", choices=["auto", "flash", "sdpa"], default="auto")
     ap.add_argument("--scale", type=int, default=1, help="multiply every latent side (4 = 1024px-class sizes)")
     ap.add_argument("--no-reference", action="store_true", help="skip diffusers (e.g. the 2B model on one GPU)")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             if p.ndim == 2:
                 p.normal_(0, 0.02)
     ours = ours.to(args.device, dtype)
+    ours.set_activation_checkpointing(args.activation_checkpointing)
     work = make_work(cfg, args.device, dtype, args.scale)
     models = {"ours (packed)": lambda: step_ours(ours, work)}
     if not args.no_reference:
