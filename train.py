@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from lumina_illus.train import train
-
     import torch.distributed as dist
+
+    from lumina_illus.train import train
 
     try:
         state = train(cfg)
