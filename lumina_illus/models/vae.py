@@ -52,11 +52,14 @@ class LatentCodec(nn.Module):
     """Frozen VAE: images <-> normalised latents. Never trains, never enters an optimizer."""
 
     def __init__(self, cfg: VAEConfig, device: torch.device | str = "cpu", vae: nn.Module | None = None) -> None:
-        """`vae`: an already built autoencoder to wrap (kept in its dtype); default: load cfg.path."""
+        """`vae`: an already built autoencoder to wrap; default: load cfg.path. Either runs in cfg.dtype."""
         super().__init__()
         self.cfg = cfg
+        dtype = torch_dtype(cfg.dtype)
         if vae is None:
             vae = load_autoencoder(cfg)  # loaded in cfg.dtype
+        elif next(vae.parameters()).dtype != dtype:
+            vae = vae.to(dtype)
         self.vae = vae.to(device=device)
         self.vae.eval().requires_grad_(False)
         # 2 ** (number of down blocks - 1): 8 for both Flux and SDXL
