@@ -163,3 +163,25 @@ def test_flash_matches_sdpa_on_gpu() -> None:
     sdpa = model(latents, t, feats, mask)
     for a, b in zip(flash, sdpa):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_close_to_fp32() -> None:
+    """Norms, RoPE and the timestep embedding run in fp32 inside a bf16 model."""
+    model = random_model(seed=11)
+    latents = [torch.randn(16, 8, 8), torch.randn(16, 4, 12)]
+    feats, mask = caption_batch([4, 6], 6, 32)
+    t = torch.tensor([0.3, 0.8])
+    ref = model(latents, t, feats, mask)
+    out = model.to(torch.bfloat16)([x.bfloat16() for x in latents], t, feats.bfloat16(), mask)
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.bfloat16
+        assert (a.float() - b).norm() / b.norm() < 0.03
+
+
+def test_bad_inputs_are_named() -> None:
+    model = NextDiT(nextdit_tiny())
+    feats, mask = caption_batch([2, 2], 2, 32)
+    with pytest.raises(ValueError, match="batch mismatch"):
+        model(torch.randn(2, 16, 4, 4), torch.rand(3), feats, mask)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        model([torch.randn(16, 4, 4), torch.randn(16, 5, 4)], torch.rand(2), feats, mask)
