@@ -212,3 +212,15 @@ def test_trajectory_ends_at_the_sample_and_predicts_x0(parts):
     v = (traj[0]["x0"] - traj[0]["x"]) / (1 - t0)
     assert torch.allclose(traj[1]["x"], traj[0]["x"] + (t1 - t0) * v, atol=1e-5)
     assert gen.decode(final).size == (32, 32)
+
+
+def test_bf16_model_samples_close_to_fp32(parts):
+    import copy
+
+    noise = [_generator(parts).initial_noise((32, 32), 0)]
+    full = _generator(parts, steps=3).sample_latents(PROMPTS[:1], noise)[0]
+    half = LuminaGenerator(copy.deepcopy(parts["dit"]).to(torch.bfloat16), parts["te"], parts["codec"],
+                           FlowSamplerConfig(steps=3))
+    lat = half.sample_latents(PROMPTS[:1], noise)[0]
+    assert lat.dtype == torch.float32
+    assert (lat - full).abs().max() < 0.05 * full.abs().max()

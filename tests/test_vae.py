@@ -112,3 +112,13 @@ def test_tiled_decode_equals_full_decode_when_one_tile_covers_image(vae_dir):
     tiled = LatentCodec(VAEConfig(path=str(vae_dir), tile_decode_pixels=0, tile_latent=8, tile_overlap=2))
     z = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(tiled.decode([z])[0], full.decode([z])[0], atol=1e-5)
+
+
+def test_bf16_codec_returns_fp32_latents_close_to_fp32(vae_dir):
+    img = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    full = LatentCodec(VAEConfig(path=str(vae_dir))).encode([img])[0]
+    half = LatentCodec(VAEConfig(path=str(vae_dir), dtype="bf16"))
+    assert next(half.vae.parameters()).dtype == torch.bfloat16
+    z = half.encode([img])[0]
+    assert z.dtype == torch.float32 and (z - full).abs().max() < 0.05 * full.abs().max()
+    assert half.decode([z])[0].dtype == torch.float32
