@@ -11,8 +11,8 @@ samples are recognisable.
    z = (mean - shift) * scale, gives zero-mean unit-variance latents per channel, so the toy configs
    keep the published VAEConfig values. With quant convs (SDXL) the 1x1 quant/post-quant convs absorb
    the change exactly; without them (Flux) the encoder's last conv is changed exactly and the decoder's
-   first conv absorbs the inverse (exact except where its zero padding meets the shift at the border,
-   which step 4 repairs).
+   first conv absorbs the inverse (exact except where its zero padding meets the shift at the border;
+   GroupNorm and the mid-block attention spread that difference over the image, which step 4 repairs).
 4. Fine-tune the decoder alone for a few steps, then report held-out PSNR on whole images.
 """
 
