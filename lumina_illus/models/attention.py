@@ -69,6 +69,10 @@ def _sdpa_padded(
         out = out.index_copy(0, slot, x)
         return out.view(n_seq, max_seqlen, *x.shape[1:]).transpose(1, 2)
 
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and q.is_cuda:  # CUDA's masked (mem-efficient) kernel has no GQA: repeat kv heads (head h -> h // rep)
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
     key_mask = torch.arange(max_seqlen, device=q.device)[None, :] < lens[:, None]  # (S, Lmax)
     out = F.scaled_dot_product_attention(
         pad(q),
@@ -76,7 +80,7 @@ def _sdpa_padded(
         pad(v),
         attn_mask=key_mask[:, None, None, :],  # (S, 1, 1, Lmax): padded keys are never attended
         scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
+        enable_gqa=gqa,
     )  # (S, H, Lmax, hd)
     return out.transpose(1, 2).reshape(n_seq * max_seqlen, *q.shape[1:]).index_select(0, slot)  # (N, H, hd)
 
