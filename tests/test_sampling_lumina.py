@@ -184,7 +184,7 @@ def test_guidance_changes_the_image_and_truncation_turns_it_off(parts):
 
 
 def _pixels(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image)).int()
+    return torch.from_numpy(np.array(image)).int()
 
 
 def test_seeds_are_reproducible_and_independent_of_the_batch(parts):
