@@ -185,3 +185,18 @@ def test_bad_inputs_are_named() -> None:
         model(torch.randn(2, 16, 4, 4), torch.rand(3), feats, mask)
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         model([torch.randn(16, 4, 4), torch.randn(16, 5, 4)], torch.rand(2), feats, mask)
+
+
+def test_empty_captions_stay_finite() -> None:
+    """A sample with no caption tokens (or a whole batch of them) is a zero-length sequence in the
+    context refiner; nothing of it may leak NaNs into outputs or gradients."""
+    model = random_model(seed=12)
+    feats = torch.randn(2, 3, 32)
+    for mask in (torch.tensor([[0, 0, 0], [1, 1, 0]], dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool)):
+        model.zero_grad()
+        latents = [torch.randn(16, 4, 4, requires_grad=True), torch.randn(16, 4, 6, requires_grad=True)]
+        out = model(latents, torch.tensor([0.2, 0.6]), feats, mask)
+        sum(o.sum() for o in out).backward()
+        assert all(o.isfinite().all() for o in out)
+        assert all(x.grad.isfinite().all() for x in latents)
+        assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
