@@ -175,7 +175,7 @@ class DataConfig:
     min_area: int = 256 * 256  # smallest bucket area in pixels
     max_area: int = 1024 * 1024  # target area of buckets; images are resized to about this
     area_step: int = 256  # area levels: squares of side sqrt(min_area)..sqrt(max_area) in this step (px);
-    # an image goes to the largest level not above its own area (so small images are not upscaled)
+    # an image goes to the level nearest its own area (small images are not blown up to max_area)
     bucket_step: int = 64  # bucket sides are multiples of this
     max_aspect: float = 4.0  # widest/tallest bucket aspect ratio
     skip_aspect: float = 6.0  # images more elongated than this are skipped; between max_aspect and

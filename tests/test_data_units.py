@@ -56,6 +56,8 @@ def test_assign_bucket_is_nearest_aspect_at_the_images_area_level() -> None:
     assert assign_bucket(cfg, 1024, 1024) == (1024, 1024)
     assert assign_bucket(cfg, 3000, 3000) == (1024, 1024)  # large images go to the target area
     assert assign_bucket(cfg, 300, 300) == (256, 256)  # small ones are not upscaled to 1024^2
+    assert assign_bucket(cfg, 832, 1216) == (832, 1216)  # an SDXL-size image stays at the 1024^2 level
+    assert assign_bucket(cfg, 600, 600) == (512, 512)  # nearest level in log-area (512^2, not 768^2)
     h, w = 1000, 2000
     b = assign_bucket(cfg, h, w)
     best = min(level_buckets(cfg, 1024**2), key=lambda x: abs(math.log(x[1] / x[0]) - math.log(2)))

@@ -1,9 +1,9 @@
 """Aspect buckets: which (height, width) an image is trained at, and the resize + crop into it.
 
 Area levels are squares of side sqrt(min_area) .. sqrt(max_area) in steps of `area_step` px (plus
-max_area itself). An image goes to the largest level not above its own area (never upscaled past
-the smallest level), then to the bucket of that level whose aspect ratio is nearest its own (in
-log space). The buckets of one level have sides that are multiples of `bucket_step`, area <= the
+max_area itself). An image goes to the level nearest its own area (in log space; larger images to
+max_area, smaller ones to min_area), then to the bucket of that level whose aspect ratio is nearest
+its own (in log space). The buckets of one level have sides that are multiples of `bucket_step`, area <= the
 level, and aspect <= max_aspect (the NovelAI scheme, at several areas).
 """
 
@@ -62,9 +62,10 @@ def all_buckets(cfg: DataConfig) -> list[Bucket]:
 
 def assign_bucket(cfg: DataConfig, height: int, width: int) -> Bucket:
     """The bucket of an image of this size (see module docstring)."""
-    levels = area_levels(cfg)
     area = height * width
-    level = max([a for a in levels if a <= area], default=levels[0])
+    # nearest level in log-area: a 1216x832 image (0.96 of 1024^2) stays at 1024^2 instead of
+    # dropping to 768^2; the upscale this allows is at most the square root of two levels' ratio
+    level = min(area_levels(cfg), key=lambda a: (round(abs(math.log(a / area)), 9), a))  # ties: the smaller
     target = math.log(width / height)
     buckets = level_buckets(cfg, level)
     # nearest aspect; among equals the larger area (less resolution lost)
