@@ -3,8 +3,8 @@
 Decoded + bucketed images per second per core: our pipeline (lumina_illus.data.build_loader, run
 with num_workers=0 so that it uses exactly one core) against a naive PIL loop (open, exif
 transpose, convert, full-size Lanczos resize, crop, tensor) over the same shards, in the same
-process, alternating runs. Shards: synthetic illustration-like JPEGs of 1.5-3 MP (danbooru-like
-sizes), written once to a temporary folder, or --shards. Prints the per-core rates, their ratio,
+process, alternating runs. Shards: synthetic illustration-like JPEGs of 1-9 MP (danbooru-like
+sizes, some large originals), written once to a temporary folder, or --shards. Prints the per-core rates, their ratio,
 the multi-worker rate, and the CPU cores needed to feed one GPU training at --model-rate images/s
 (BENCHMARKS.md, model section: 5.5-6.9 images/s per H100 for the 2.6B model at 1024^2).
 """
@@ -34,7 +34,9 @@ from lumina_illus.config import DataConfig  # noqa: E402
 from lumina_illus.data import build_loader, write_shards  # noqa: E402
 from lumina_illus.data.buckets import assign_bucket  # noqa: E402
 
-SIZES = [(1216, 832), (1500, 1000), (2048, 1448), (1280, 1280), (1920, 1080), (1024, 1536)]  # (w, h)
+# (w, h): SDXL-size renders, phone/monitor sizes and large originals (A4 at 300 dpi, 3000 px scans)
+SIZES = [(1216, 832), (1500, 1000), (2048, 1448), (1280, 1280), (1920, 1080), (2480, 3508), (3000, 2000),
+         (1024, 1536)]
 
 
 def synthetic_image(w: int, h: int, rng: np.random.Generator) -> Image.Image:
