@@ -9,7 +9,7 @@ import torch
 
 from lumina_illus.config import ConfigError, config_from_raw, to_dict
 from lumina_illus.data.batch import Batch
-from lumina_illus.families import LossOutput, detect_family, get_family
+from lumina_illus.families import Generator, LossOutput, detect_family, get_family
 from lumina_illus.models.lumina2 import FAMILY, Lumina2Config
 from lumina_illus.models.nextdit import NextDiT
 from lumina_illus.models.tiny import make_tiny_flux_vae, make_tiny_gemma2
@@ -158,6 +158,7 @@ def test_export_detect_and_load_generator_round_trip(paths, tmp_path):
         assert FAMILY.detect(p), p
     assert detect_family(step) is FAMILY
     gen = FAMILY.load_generator(step / "lumina2_comfy.safetensors")
+    assert isinstance(gen, Generator)  # the families.Generator protocol
     for k, v in gen.model.state_dict().items():
         assert torch.equal(v, raw["dit." + k]), k
 
