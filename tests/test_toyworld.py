@@ -140,9 +140,11 @@ def test_tagger_is_wd_format_and_recognises_heldout_renders(tmp_path):
     from lumina_illus.toyworld.tagger import TaggerConfig, train_tagger
 
     torch.set_num_threads(2)
-    cfg = TaggerConfig(per_character=30, negatives=60, heldout_per_character=6, epochs=8, width=16)
+    # a small fast version (the full one reaches 1.0): chance is 1/12
+    cfg = TaggerConfig(per_character=24, negatives=24, heldout_per_character=6, epochs=20, width=16, batch_size=32,
+                       lr=6e-3)  # fmt: skip
     report = train_tagger(tmp_path, WorldConfig(seed=0), cfg)
-    assert report["heldout_char_accuracy"] >= 0.8, report
+    assert report["heldout_char_accuracy"] >= 0.75, report
     # read back through the eval's WD loader: NHWC input, one output per selected_tags row
     tagger = WDTagger(tmp_path)
     assert tagger.size == cfg.size
@@ -155,4 +157,4 @@ def test_tagger_is_wd_format_and_recognises_heldout_renders(tmp_path):
     cols = [tagger.index(c.tag) for c in CHARACTERS]
     pred = [CHARACTERS[i].tag for i in np.argmax(probs[:, cols], axis=1)]
     acc = np.mean([p == s.scene.character.tag for p, s in zip(pred, world)])
-    assert acc >= 0.8, acc
+    assert acc >= 0.75, acc
