@@ -132,3 +132,30 @@ def test_cache_latents_round_trip_through_the_loader(tmp_path: Path) -> None:
         assert lb.target_sizes == src.target_sizes and lb.crops == src.crops
         assert lb.original_sizes == src.original_sizes
         assert lb.captions[0].startswith(("c", "picture number"))  # tags or the .txt, built at load time
+
+
+def test_cache_latents_with_text_embeds(tmp_path: Path) -> None:
+    from lumina_illus.models.text_encoder import GemmaTextEncoder, TextEncoderConfig
+    from lumina_illus.models.tiny import make_tiny_flux_vae, make_tiny_gemma2
+
+    make_folder(tmp_path / "src", n=3)
+    run("make_shards.py", str(tmp_path / "src"), str(tmp_path / "shards"))
+    vae_dir = make_tiny_flux_vae(tmp_path / "vae")
+    gemma = make_tiny_gemma2(tmp_path / "gemma", vocab_corpus=["c0 c1 c2 smile picture number 0 1 2"])
+    data = {"shards": [str(tmp_path / "shards" / "shard-000000.tar")], "min_area": 64 * 64, "max_area": 128 * 128,
+            "area_step": 64, "num_workers": 0, "shuffle_buffer": 1, "batching": "bucket",
+            "caption": {"caption_dropout": 0.0}}
+    te = {"path": str(gemma), "dtype": "fp32"}
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump({"family": "lumina2", "model": {"arch": {"preset": "tiny"}, "vae": {"path": str(vae_dir)},
+                                                                       "text_encoder": te}, "data": data}))
+    run("cache_latents.py", str(cfg_path), str(tmp_path / "latents"), "--dtype", "fp32", "--device", "cpu",
+        "--text-embeds")
+    enc = GemmaTextEncoder(TextEncoderConfig(**te))
+    lat = DataConfig(**{**data, "shards": [str(tmp_path / "latents" / "shard-000000.tar")], "cached_latents": True})
+    it = iter(build_loader(lat, micro_batch=1, rank=0, world_size=1, seed=0))
+    for _ in range(3):
+        b = next(it)
+        assert b.text_embeds is not None and b.latents is not None
+        feats, mask = enc.encode(b.captions)  # the cached caption, encoded again: (1, L, D), (1, L)
+        torch.testing.assert_close(b.text_embeds[0], feats[0][mask[0]], atol=1e-5, rtol=1e-5)

@@ -256,3 +256,12 @@ def test_cursor_ranges_merge_and_redeal() -> None:
     assert items[0][1].skip == {1} and items[3][1].epoch == 1
     with pytest.raises(ValueError, match="different data"):
         merge_states([{"cursor": a.state_dict()}, {"cursor": Cursor(5, 0, "g").state_dict()}])
+
+
+def test_data_config_validation_names_fields() -> None:
+    with pytest.raises(ValueError, match="token_budget"):
+        DataConfig(max_area=1024**2, token_budget=1000)  # one 1024^2 image is 4096 tokens
+    with pytest.raises(ValueError, match="skip_aspect"):
+        DataConfig(max_aspect=4.0, skip_aspect=3.0)
+    with pytest.raises(ValueError, match="bucket_step"):
+        DataConfig(bucket_step=40)
