@@ -99,7 +99,7 @@ def test_shards_read_by_the_data_pipeline_and_characters_by_the_eval(tmp_path):
 
     chars = load_characters(tmp_path / "characters.csv")
     assert [(c.tag, c.train_samples) for c in chars] == [(ch.tag, n) for ch, n in zip(CHARACTERS, SMALL.counts())]
-    assert chars[0].prompt == "hoshino aoi, star academy, 1girl, solo"
+    assert chars[0].prompt == "hoshino aoi, star academy, 1girl"
 
 
 @pytest.mark.parametrize("quant_conv", [True, False])

@@ -84,7 +84,7 @@ class Character:
     def prompt(self) -> str:
         """The trigger prompt of the recall evaluation: the words tag captions start with (the caption
         builder puts character and copyright tags first, then the shuffled general tags)."""
-        return f"{tag_text(self.tag)}, {tag_text(self.copyright)}, {self.count_tag}, solo"
+        return f"{tag_text(self.tag)}, {tag_text(self.copyright)}, {self.count_tag}"
 
     def look_tags(self) -> list[str]:
         """General tags describing the character's fixed appearance."""
