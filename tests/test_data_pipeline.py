@@ -1,7 +1,7 @@
 """End-to-end data pipeline: real tar shards, real DataLoader worker processes.
 
 - bad data of every kind is skipped, counted per reason (exact counts) and reported with shard + key
-- exact resume with worker processes, including a world-size change 2 ranks -> 3
+- exact resume with worker processes, including world-size changes 2 ranks -> 3 -> 2
 - bucket mode gives micro_batch samples of one bucket; token mode respects the budget
 """
 
@@ -113,7 +113,7 @@ def test_bad_data_is_skipped_counted_and_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("batching", ["tokens", "bucket"])
-def test_exact_resume_with_workers_and_world_size_change(tmp_path: Path, batching: str) -> None:
+def test_exact_resume_with_workers_and_world_size_changes(tmp_path: Path, batching: str) -> None:
     n_shards, per_shard = 6, 7
     write_shards(good_samples(n_shards * per_shard), tmp_path, per_shard)
     cfg = small_cfg([str(tmp_path / "shard-{000000..000005}.tar")], batching=batching)
@@ -131,11 +131,27 @@ def test_exact_resume_with_workers_and_world_size_change(tmp_path: Path, batchin
     assert state["cursor"]["samples_seen"] == sum(ld.stats()["samples"] for ld in ranks)
     del its, ranks  # workers of the first "job" go away
 
-    # phase 2: three ranks resume from the merged state and finish the epoch
+    # phase 2: three ranks resume from the merged state, a few batches, another checkpoint
     ranks = [build_loader(cfg, micro_batch=2, rank=r, world_size=3, seed=3) for r in range(3)]
     for ld in ranks:
         ld.load_state_dict(state)
-    sources, skips = run_until_epoch_done(ranks, epoch=0)
+    its = [iter(ld) for ld in ranks]
+    skips = []
+    for _ in range(2):
+        for ld, it in zip(ranks, its):
+            next(it)
+            seen += [(s, i) for e, s, i in ld.last_sources if e == 0]
+            skips += ld.last_skips
+    state = merge_states([ld.state_dict() for ld in ranks])
+    del its, ranks
+
+    # phase 3: back to two ranks (one worker each now), finish the epoch
+    cfg = small_cfg([str(tmp_path / "shard-{000000..000005}.tar")], batching=batching, num_workers=1)
+    ranks = [build_loader(cfg, micro_batch=2, rank=r, world_size=2, seed=3) for r in range(2)]
+    for ld in ranks:
+        ld.load_state_dict(state)
+    sources, more_skips = run_until_epoch_done(ranks, epoch=0)
+    skips += more_skips
     seen += [(s, i) for e, s, i in sources if e == 0]
     assert len(seen) == len(set(seen)), "a sample of epoch 0 was repeated across the restart"
     # bucket mode: samples of buckets that never filled are dropped and counted (bucket_leftover)
@@ -213,7 +229,7 @@ def test_state_dict_gathers_all_ranks_under_torch_distributed(tmp_path: Path) ->
 
 def test_pipe_shards_are_read(tmp_path: Path) -> None:
     write_shards(good_samples(6), tmp_path, 6)
-    cfg = small_cfg([f"pipe:cat {tmp_path / 'shard-000000.tar'}"], num_workers=0, batching="bucket")
+    cfg = small_cfg([f"pipe:cat {tmp_path / 'shard-{000000..000000}.tar'}"], num_workers=0, batching="bucket")
     ld = build_loader(cfg, micro_batch=1, rank=0, world_size=1, seed=0)
     it = iter(ld)
     keys = set()

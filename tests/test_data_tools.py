@@ -72,6 +72,15 @@ def test_make_shards_from_folder_and_csv(tmp_path: Path) -> None:
     assert meta["tags"] == {"character": ["char_2"], "general": ["smile", "open_mouth"]}
     assert got[2].files["txt"] == b"caption 2"
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": ["img0.png", "img5.png"], "json": ['{"tags": {"meta": ["highres"]}}', None]}),
+                   tmp_path / "src" / "index.parquet")
+    run("make_shards.py", str(tmp_path / "src" / "index.parquet"), str(tmp_path / "pq"))
+    got = list(iter_tar(str(tmp_path / "pq" / "shard-000000.tar")))
+    assert [json.loads(g.files["json"]).get("tags") for g in got] == [{"meta": ["highres"]}, None]
+
 
 def test_make_shards_names_bad_index(tmp_path: Path) -> None:
     (tmp_path / "i.csv").write_text("path,caption\nx.png,hi\n")

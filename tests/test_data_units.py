@@ -254,6 +254,12 @@ def test_cursor_ranges_merge_and_redeal() -> None:
     items = list(zip(range(4), m.work()))
     assert [(w.epoch, w.shard) for _, w in items[:3]] == [(0, order[1]), (0, order[2]), (0, order[3])]
     assert items[0][1].skip == {1} and items[3][1].epoch == 1
+    # a stale partial record (another rank's shard, loaded from an older merged state) disappears
+    # once the owner reports the shard done
+    stale = Cursor(4, 0, "f")
+    stale.mark(0, order[0], 0)
+    m2 = merge_states([{"cursor": a.state_dict()}, {"cursor": stale.state_dict()}])["cursor"]
+    assert m2["epochs"]["0"]["done"] == [order[0]] and m2["epochs"]["0"]["partial"] == {}
     with pytest.raises(ValueError, match="different data"):
         merge_states([{"cursor": a.state_dict()}, {"cursor": Cursor(5, 0, "g").state_dict()}])
 

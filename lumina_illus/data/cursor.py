@@ -85,6 +85,16 @@ class Cursor:
             self.done.pop(self.base_epoch)
             self.base_epoch += 1
 
+    def compact(self) -> None:
+        """Forget per-sample records of done shards and finished epochs (a rank that loaded a merged
+        state still holds other ranks' partial shards; once their owners finish them, they go)."""
+        for table in (self.consumed, self.totals):
+            for e, s in list(table):
+                if e < self.base_epoch or s in self.done.get(e, ()):
+                    del table[(e, s)]
+        for e in [e for e in self.done if e < self.base_epoch]:
+            del self.done[e]
+
     # ---- the data order
 
     def work(self) -> Iterator[WorkItem]:
@@ -168,6 +178,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         merged.totals.update(c.totals)
     for key in list(merged.totals) + list(merged.consumed):
         merged._maybe_done(*key)
+    merged.compact()
     counters: dict[str, Any] = {}
     for s in states:
         for k, v in s.get("counters", {}).items():

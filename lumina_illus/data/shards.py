@@ -34,15 +34,14 @@ MANIFEST = "manifest.json"
 
 
 def expand_shards(specs: list[str]) -> list[str]:
-    """Shard specs -> ordered list of urls: brace patterns expanded, globs matched (sorted),
-    "pipe:cmd" kept as is. A local spec that matches nothing is an error naming it."""
+    """Shard specs -> ordered list of urls: brace patterns expanded (pipe commands too), local globs
+    matched (sorted). A local spec that matches nothing is an error naming it."""
     out: list[str] = []
     for spec in specs:
-        if spec.startswith("pipe:"):
-            out.append(spec)
-            continue
         for s in braceexpand.braceexpand(spec):
-            if any(c in s for c in "*?["):
+            if s.startswith("pipe:"):
+                out.append(s)  # "pipe:curl -s http://host/shard-{000..099}.tar": one command per shard
+            elif any(c in s for c in "*?["):
                 hits = sorted(glob.glob(s))
                 if not hits:
                     raise FileNotFoundError(f"data.shards: pattern {s!r} matches no file")
