@@ -83,7 +83,7 @@ def train(cfg: RunConfig) -> TrainState:
             lr = set_lr(engine, lr_factor(state.step, cfg.optim, cfg.train.max_steps))
             for micro in range(cfg.train.grad_accum):
                 batch = _timed_next(batches, stats)
-                stats.add_keys(batch.keys, micro)
+                stats.add_keys(batch.keys, batch.captions, micro)
                 inputs = parts.prepare(batch, gen)  # frozen no-grad work: latents, text features, t, noise
                 out = engine(**inputs)  # LossOutput
                 engine.backward(out.loss)  # scaled by 1/grad_accum inside DeepSpeed

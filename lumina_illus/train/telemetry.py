@@ -77,15 +77,15 @@ class StepStats:
     stop: bool = False  # this rank got SIGTERM/SIGUSR1
     save_now: bool = False  # checkpoint clock fired (only rank 0's answer is used)
     nonfinite_loss: int = 0
-    keys_crc: int = 0  # fingerprint of the data order: sum of crc32(key) * (position in step + 1)
+    keys_crc: int = 0  # fingerprint of the data: sum of crc32(key, caption) * (position in step + 1)
     extras: dict[str, float] = field(default_factory=dict)  # LossOutput.extras summed over micro-batches
     micro_batches: int = 0
     bin_sum: list[float] = field(default_factory=lambda: [0.0] * _NB)
     bin_count: list[int] = field(default_factory=lambda: [0] * _NB)
 
-    def add_keys(self, keys: list[str], micro: int) -> None:
-        """Fold the sample keys of micro-batch `micro` of this step into `keys_crc`."""
-        self.keys_crc += sum(zlib.crc32(k.encode()) * (micro + 1) for k in keys)
+    def add_keys(self, keys: list[str], captions: list[str], micro: int) -> None:
+        """Fold the sample keys and captions of micro-batch `micro` of this step into `keys_crc`."""
+        self.keys_crc += sum(zlib.crc32(f"{k}\n{c}".encode()) * (micro + 1) for k, c in zip(keys, captions))
 
     def add_extras(self, extras: dict[str, float]) -> None:
         self.micro_batches += 1
