@@ -39,13 +39,13 @@ from lumina_illus.data.control import (  # noqa: E402
     quartile_edges,
 )
 from lumina_illus.data.decode import DecodeError, load_rgb, open_image  # noqa: E402
+from lumina_illus.data.shards import IMAGE_EXTS  # noqa: E402
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 EDGES_FILE = "color_quartiles.json"
 
 
 def find_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.rglob("*") if p.suffix.lower()[1:] in IMAGE_EXTS)
 
 
 def read_json(path: Path) -> dict:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.data_dir}: not a directory")
     images = find_images(args.data_dir)
     if not images:
-        ap.error(f"{args.data_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        ap.error(f"{args.data_dir}: no images ({', '.join(IMAGE_EXTS)})")
     Image.MAX_IMAGE_PIXELS = None  # large illustrations are legitimate here; statistics run on a thumbnail
 
     errors = []

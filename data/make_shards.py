@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lumina_illus.config import DataConfig  # noqa: E402
 from lumina_illus.data.decode import DecodeError, open_image  # noqa: E402
-from lumina_illus.data.shards import MANIFEST, write_shards  # noqa: E402
+from lumina_illus.data.shards import IMAGE_EXTS, MANIFEST, write_shards  # noqa: E402
 
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 TAG_COLUMNS = ("character", "copyright", "artist", "general", "meta")
 
 
@@ -37,7 +36,7 @@ def folder_records(root: Path) -> list[dict[str, Any]]:
     """One record per image: {"image": Path, "txt": Path | None, "json": Path | None}."""
     out = []
     for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_SUFFIXES:
+        if p.suffix.lower()[1:] in IMAGE_EXTS:
             txt, js = p.with_suffix(".txt"), p.with_suffix(".json")
             out.append({"image": p, "txt": txt if txt.is_file() else None, "json": js if js.is_file() else None,
                         "where": str(p)})
@@ -77,8 +76,8 @@ def index_records(index: Path) -> list[dict[str, Any]]:
 def samples(records: list[dict[str, Any]], root: Path, skipped: Counter, report: list[str]) -> Iterator[dict]:
     for i, r in enumerate(tqdm(records, desc="shards")):
         img_path: Path = r["image"]
-        ext = IMAGE_SUFFIXES.get(img_path.suffix.lower())
-        if ext is None:
+        ext = img_path.suffix.lower()[1:]
+        if ext not in IMAGE_EXTS:
             skipped["not_an_image"] += 1
             report.append(f"{r['where']}: {img_path} is not jpg/png/webp")
             continue
