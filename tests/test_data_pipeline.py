@@ -180,6 +180,9 @@ def test_bucket_mode_batches_are_one_bucket_and_token_mode_fits_budget(tmp_path:
         assert tokens <= 192 and len(b) <= 8
     st = ld.stats()
     assert 0.5 < st["packing_efficiency"] <= 1.0
+    for _ in range(12):  # 40 samples, <= 8 per batch: by now the second epoch is being read
+        next(it)
+    assert ld.stats()["epoch"] >= 1 and ld.stats()["samples_per_epoch"] == 40
 
 
 def test_state_rejects_other_shard_list(tmp_path: Path) -> None:

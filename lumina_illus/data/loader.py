@@ -49,6 +49,7 @@ class Loader:
         self.recent: collections.deque[str] = collections.deque(maxlen=_RECENT)
         self.last_sources: list[tuple[int, int, int]] = []  # (epoch, shard index, ordinal) of the last batch
         self.last_skips: list[tuple] = []  # (epoch, shard, ordinal, reason, shard url, key, message) reported with it
+        self.reading_epoch = 0  # newest epoch this rank has delivered samples of
 
     @staticmethod
     def _zero_counters() -> dict[str, Any]:
@@ -91,6 +92,7 @@ class Loader:
                 self.cursor.mark(epoch, shard, ordinal)
         for e, s, i in book["samples"]:
             self.cursor.mark(e, s, i)
+            self.reading_epoch = max(self.reading_epoch, e)
         n = len(book["samples"])
         self.cursor.samples_seen += n
         c["batches"] += 1
@@ -131,6 +133,7 @@ class Loader:
         if self.rank != 0:
             c.samples_seen = 0
         self.cursor = c
+        self.reading_epoch = c.base_epoch
         self.counters = self._zero_counters()
         if self.rank == 0:
             saved = state.get("counters", {})
@@ -146,8 +149,9 @@ class Loader:
         """This rank's counters since the start of the run (rank 0 also holds what was loaded)."""
         c = self.counters
         return {
-            "epoch": self.cursor.base_epoch,
-            "samples_seen": self.cursor.samples_seen,
+            "epoch": self.reading_epoch,  # newest epoch this rank delivered samples of
+            "oldest_open_epoch": self.cursor.base_epoch,  # global after a load; per rank it lags
+            "samples_seen": self.cursor.samples_seen,  # this rank's (rank 0: plus all ranks' before the load)
             "samples_per_epoch": self.samples_per_epoch,  # from manifests; None when unknown
             "shards": len(self.urls),
             "batches": c["batches"],
