@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", action="append", default=[], help="config override key.sub=value (repeatable)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.override)
+    if cfg.data.cached_latents:
+        ap.error(f"{args.config}: data.cached_latents is true: data.shards must name image shards to encode")
     vae_cfg = getattr(cfg.model, "vae", None)
     if not isinstance(vae_cfg, VAEConfig) or not vae_cfg.path:
         ap.error(f"{args.config}: model.vae.path must name a local VAE folder")

@@ -240,3 +240,20 @@ def test_pipe_shards_are_read(tmp_path: Path) -> None:
         keys.add(next(it).keys[0])
     assert keys == {f"shard-000000.tar/k{i:05d}" for i in range(6)}  # named by the file the command reads
     assert ld.stats()["skipped_total"] == 0
+
+
+def test_ranks_with_unequal_data_never_run_dry(tmp_path: Path) -> None:
+    # 3 shards for 2 ranks, one shard nearly all bad: epochs chain, so both ranks always have a next
+    # batch and take as many steps as the trainer asks (no rank waits for another at an epoch end)
+    write_shards(good_samples(10), tmp_path / "a", 10, prefix="a")
+    write_shards([{"__key__": f"bad{i}", "png": b"", "json": {"tags": {"general": ["x"]}}} for i in range(9)]
+                 + good_samples(1, start=50), tmp_path / "b", 10, prefix="b")
+    write_shards(good_samples(2, start=60), tmp_path / "c", 10, prefix="c")
+    shards = [str(tmp_path / d / f"{d}-000000.tar") for d in "abc"]
+    ranks = [build_loader(small_cfg(shards, num_workers=0, batching="bucket"), micro_batch=2, rank=r, world_size=2,
+                          seed=0) for r in range(2)]
+    its = [iter(ld) for ld in ranks]
+    for _ in range(25):  # ~4 epochs of the 13 good samples, per rank
+        for it in its:
+            assert len(next(it)) == 2
+    assert all(ld.stats()["skipped"]["empty_file"] >= 9 for ld in ranks)  # both ranks met the bad shard
