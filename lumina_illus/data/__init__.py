@@ -18,6 +18,18 @@ batching "tokens": each micro-batch is packed up to cfg.token_budget image token
 ((H/patch_tokens_per_side) * (W/patch_tokens_per_side) per image) and at most micro_batch samples;
 batching "bucket": micro_batch samples of one bucket.
 
+Ranks never wait for each other at an epoch end: the stream is endless (epoch e+1 follows e in
+each worker), so every rank always has a next batch and takes exactly the steps the trainer asks.
+Bad samples (corrupt/truncated/empty images, truncated tars, missing caption or image, < min_side,
+aspect > skip_aspect, unreadable json) are skipped, logged with shard and key, counted per reason
+in stats()["skipped"], and marked consumed in the cursor.
+
+Tools (scripts in data/, each with --help):
+    python data/make_shards.py SRC_DIR_OR_INDEX OUT_DIR --samples-per-shard 1000
+    python data/annotate_colors.py SRC_DIR --workers 16        # control tokens into the .json files
+    python data/cache_latents.py CONFIG.yaml OUT_DIR            # VAE latents (+ --text-embeds)
+    python bench/loader.py                                      # images/s per core vs a naive PIL loop
+
 Modules: shards.py (read/write tar shards, `write_shards(samples, out_dir, samples_per_shard)`),
 decode.py (robust image decoding), buckets.py (aspect buckets, resize+crop), captions.py (caption
 builder, json schema), control.py (colour statistics and control tokens), packing.py (batch forming),

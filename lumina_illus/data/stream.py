@@ -42,6 +42,7 @@ SKIP_REASONS = (
     "too_small",  # a side below data.min_side
     "bad_aspect",  # more elongated than data.skip_aspect
     "bucket_leftover",  # bucket mode: a bucket never filled before the epoch after next
+    "other_error",  # anything else a sample raised (a bug or an exotic file): logged, the run goes on
 )
 
 
@@ -215,9 +216,11 @@ class ShardStream(IterableDataset):
             where = self.urls[shard]
             try:
                 d = decode_sample(ts, cfg, self.caption_cfg, rng, self.latent_mode)
-            except SkipSample as e:
-                log.warning("skipped %s: shard=%s key=%s: %s", e.reason, where, ts.key, e)
-                events.append(("skip", (epoch, shard, ts.index, e.reason, where, ts.key, str(e))))
+            except Exception as e:
+                reason = e.reason if isinstance(e, SkipSample) else "other_error"
+                msg = str(e) if isinstance(e, SkipSample) else f"{type(e).__name__}: {e}"
+                log.warning("skipped %s: shard=%s key=%s: %s", reason, where, ts.key, msg)
+                events.append(("skip", (epoch, shard, ts.index, reason, where, ts.key, msg)))
                 return None
             name = where.rsplit("/", 1)[-1]
             s = Sample(epoch, shard, ts.index, f"{name}/{ts.key}", tokens=image_tokens(cfg, d["bucket"]), **d)
