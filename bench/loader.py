@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lumina_illus.config import DataConfig  # noqa: E402
 from lumina_illus.data import build_loader, write_shards  # noqa: E402
 from lumina_illus.data.buckets import assign_bucket  # noqa: E402
+from lumina_illus.data.shards import IMAGE_EXTS  # noqa: E402
 
 # (w, h): SDXL-size renders, phone/monitor sizes and large originals (A4 at 300 dpi, 3000 px scans)
 SIZES = [(1216, 832), (1500, 1000), (2048, 1448), (1280, 1280), (1920, 1080), (2480, 3508), (3000, 2000),
@@ -75,7 +76,7 @@ def naive_loop(urls: list[str], cfg: DataConfig, n: int) -> float:
     for url in urls:
         with tarfile.open(url) as tar:
             for m in tar.getmembers():
-                if not m.name.endswith(".jpg"):
+                if m.name.rsplit(".", 1)[-1].lower() not in IMAGE_EXTS:
                     continue
                 img = Image.open(io.BytesIO(tar.extractfile(m).read()))
                 img = ImageOps.exif_transpose(img).convert("RGB")
