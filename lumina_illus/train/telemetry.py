@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import secrets
 import subprocess
 import zlib
 from dataclasses import dataclass, field
@@ -200,7 +201,7 @@ class Telemetry:
             import wandb
 
             id_file = run_dir / "wandb_id.txt"  # one W&B run across resumes
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self.wandb = wandb.init(
                 project=cfg.telemetry.wandb_project, name=cfg.run.name, id=run_id, resume="allow",

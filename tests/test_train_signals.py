@@ -1,0 +1,96 @@
+"""Preemption and divergence, end to end on the tiny world of test_train_resume.py:
+
+- SIGTERM to every rank (what Slurm does) under `deepspeed --no_python launch/train_lu.sh`: the step
+  finishes, a checkpoint is written, every process exits 0; W&B offline files land in the run dir and
+  sample grids are drawn on the way.
+- a diverging run (`bash launch/train_lu.sh`, one rank, absurd LR): non-finite steps are skipped and
+  counted, the weights stay finite, and `train.max_bad_steps` in a row stop the run with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_resume import ROOT, _wait_for_step, finish, launch, make_world, read_log  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("trainworld"))
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_step_checkpoints_and_exits_zero(world):
+    run_dir = world.parent / "runs" / "term"
+    proc = launch(world, "run.name=term", "train.max_steps=200", "telemetry.wandb_mode=offline",
+                  "sampling.every_steps=2", "sampling.prompts=[red, cat]", "sampling.sizes=[[64, 64], [128, 64]]",
+                  "sampling.steps=2",
+                  launcher=["deepspeed", "--no_python", "--num_gpus", "2", "--master_port", "29733"])
+    _wait_for_step(run_dir, 2, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "train_lu.sh" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())
+             and "python" in p.name()]
+    assert len(ranks) == 2, [p.cmdline() for p in ranks]
+    for p in ranks:
+        p.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    steps, events = read_log(run_dir)
+    stop = [e for e in events if e["event"] == "stopped_by_signal"]
+    assert len(stop) == 1 and stop[0]["signal"] == "SIGTERM"
+    last = max(steps)
+    assert 2 <= last < 200 and stop[0]["step"] == last
+    latest = (run_dir / "ckpt" / "latest").read_text()
+    assert latest == f"step_{last:07d}"
+    state = json.loads((run_dir / "ckpt" / latest / "ds" / "trainer_state.json").read_text())
+    assert state["step"] == last and state["samples_seen"] == 4 * last
+    assert any((run_dir / "wandb").glob("offline-run-*")), "W&B offline run not in the run dir"
+    # sample grid: one row per prompt, one column per (width, height)
+    grid = Image.open(run_dir / "samples" / "step_0000002.png")
+    assert grid.size == (64 + 128, 64 + 64)
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(world):
+    run_dir = world.parent / "runs" / "nan"
+    # lr 1e30: step 1 applies (finite grads), its weights overflow every later forward to inf/nan
+    proc = launch(world, "run.name=nan", "optim.lr=1e30", "optim.warmup_steps=0", "train.global_batch=2",
+                  "train.max_bad_steps=3", "train.max_steps=20", "checkpoint.every_steps=0",
+                  "checkpoint.export_dtype=fp32", launcher=["bash"])
+    out = finish(proc)
+    assert proc.returncode != 0
+    assert "3 consecutive steps had a non-finite loss or gradient" in out and "train.max_bad_steps=3" in out
+    steps, events = read_log(run_dir)
+    skipped = [e for e in events if e["event"] == "skipped_step"]
+    assert [e["step"] for e in skipped] == [2, 3, 4]
+    assert steps[4]["train/skipped_steps"] == 3 and steps[1]["train/skipped_steps"] == 0
+    # the run stopped at step 4 with a checkpoint whose weights are step 1's: finite
+    assert (run_dir / "ckpt" / "latest").read_text() == "step_0000004"
+    weights = load_file(str(run_dir / "ckpt" / "step_0000004" / "lumina2.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert max(float(w.abs().max()) for w in weights.values()) > 1e20  # step 1 really applied lr 1e30
+
+
+def test_launcher_rejects_a_config_of_another_family(world):
+    r = subprocess.run([sys.executable, "launch/train_sdxl.sh", str(world)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "family is 'lumina2' but this launcher trains 'sdxl'" in r.stderr and "launch/train_lu.sh" in r.stderr
+
+
+def test_help_works_three_ways():
+    for cmd in (["bash", "launch/train_lu.sh", "--help"], [sys.executable, "launch/train_lu.sh", "--help"],
+                ["./launch/train_sdxl.sh", "--help"], [sys.executable, "train.py", "--help"]):
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "--override" in r.stdout, (cmd, r.stderr)
