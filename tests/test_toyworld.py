@@ -158,3 +158,35 @@ def test_tagger_is_wd_format_and_recognises_heldout_renders(tmp_path):
     pred = [CHARACTERS[i].tag for i in np.argmax(probs[:, cols], axis=1)]
     acc = np.mean([p == s.scene.character.tag for p, s in zip(pred, world)])
     assert acc >= 0.75, acc
+
+
+def test_components_are_built_once_and_reused(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from lumina_illus.toyworld.components import MARKER, ComponentsConfig, build_toy_world
+    from lumina_illus.toyworld.tagger import TaggerConfig
+    from lumina_illus.toyworld.vae_train import VAETrainConfig
+
+    torch.set_num_threads(2)
+    tiny_vae = VAETrainConfig(images=8, steps=2, decoder_steps=1, batch_size=2, heldout=2)
+    cfg = ComponentsConfig(vae_channels=(8, 8, 8, 8), vae=tiny_vae,
+                           tagger=TaggerConfig(per_character=1, negatives=2, heldout_per_character=1, epochs=1))  # fmt: skip
+    info = build_toy_world(tmp_path, SMALL, cfg)
+    assert set(info["reports"]) == {"shards", "vae", "gemma", "tagger"}
+    assert json.loads((tmp_path / "world.json").read_text())["world"]["seed"] == SMALL.seed
+    for part in ("vae/config.json", "gemma/config.json", "tagger/model.onnx", "tagger/selected_tags.csv"):
+        assert (tmp_path / "components" / part).is_file(), part
+    # the tokenizer knows every caption word of the world: no <unk> in any character prompt
+    tok = AutoTokenizer.from_pretrained(tmp_path / "components" / "gemma")
+    for ch in CHARACTERS:
+        assert tok.unk_token_id not in tok(ch.prompt + ", solo, upper body, simple background")["input_ids"]
+    markers = {p: p.stat().st_mtime_ns for p in tmp_path.rglob(MARKER)}
+    assert len(markers) == 4
+    capsys.readouterr()
+    build_toy_world(tmp_path, SMALL, cfg)  # same key: everything reused
+    assert capsys.readouterr().out.count("cached") == 4
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob(MARKER)} == markers
+    cfg.tagger.epochs = 2  # a changed part rebuilds, the rest stays
+    build_toy_world(tmp_path, SMALL, cfg)
+    assert capsys.readouterr().out.count("cached") == 3
+    assert (tmp_path / "components" / "tagger" / MARKER).stat().st_mtime_ns != markers[tmp_path / "components" / "tagger" / MARKER]

@@ -123,9 +123,11 @@ def train_vae(
         for _ in (bar := tqdm(range(steps), desc=desc, unit="step", leave=False)):
             x = _crops(images, cfg.batch_size, cfg.crop, rng)  # (B, 3, crop, crop)
             post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample()).sample  # (B, 3, crop, crop)
+            # decode the posterior mean: training encodes with the mean (VAEConfig.sample_posterior off), and
+            # sampling with the initial unit variance would drown the small initial means in noise
+            rec = vae.decode(post.mean).sample  # (B, 3, crop, crop)
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
-            if kl:
+            if kl:  # keeps the latent means near N(0, I) in scale; normalise_latents sets the exact scale
                 loss = loss + cfg.kl_weight * post.kl().mean() / x[0].numel()
             opt.zero_grad()
             loss.backward()
