@@ -1,10 +1,8 @@
-"""End-to-end trainer runs with 2 real CPU ranks (DeepSpeed launcher, gloo) on a tiny world built
-here (random tiny Gemma-2, random tiny Flux VAE, 48 random 64x64 images in 6 shards):
-
-- exact resume: a run SIGKILLed after step k and resumed logs the same per-step losses and the same
-  data (per-step CRC of sample keys and captions) as an uninterrupted run, under ZeRO-2 and ZeRO-3;
-- SIGTERM: the step finishes, a checkpoint is written, every process exits 0;
-- NaN/inf: diverging steps are skipped and counted, and a run of them stops with a checkpoint.
+"""Exact resume, end to end with 2 real CPU ranks (DeepSpeed launcher, gloo) on the tiny world of
+lumina_illus.train.tiny_run (random tiny Gemma-2 and Flux VAE, 48 random 64x64 images in 6 shards):
+a run SIGKILLed after step k and resumed logs the same per-step losses and the same data (per-step
+CRC of sample keys and captions) as an uninterrupted run, under ZeRO-2 and ZeRO-3. The helpers here
+(launch, finish, read_log) are shared with test_train_signals.py.
 """
 
 from __future__ import annotations
@@ -16,59 +14,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
-from PIL import Image
+
+from lumina_illus.train.tiny_run import make_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_world(folder: Path) -> Path:
-    """Shards + tiny components + a run config for them; returns the config path (cached in folder)."""
-    from lumina_illus.data.shards import write_shards
-    from lumina_illus.models.tiny import make_tiny_flux_vae, make_tiny_gemma2
-
-    cfg_path = folder / "run.yaml"
-    if cfg_path.is_file():
-        return cfg_path
-    rng = np.random.default_rng(0)
-    words = ["red", "blue", "girl", "boy", "hat", "sky", "tree", "cat"]
-    samples = []
-    for i in range(48):
-        img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-        # one tag per image and no caption dropout: the data loader draws caption randomness from a
-        # stream that is re-seeded on resume, so only deterministic captions resume exactly
-        tags = {"general": [words[i % len(words)]]}
-        samples.append({"__key__": f"s{i:03d}", "png": img, "json": {"tags": tags}})
-    write_shards(samples, folder / "shards", samples_per_shard=8, prefix="t")
-    make_tiny_gemma2(folder / "gemma", vocab_corpus=words)
-    make_tiny_flux_vae(folder / "vae", channels=(8, 8, 8, 8))
-    cfg = {
-        "family": "lumina2",
-        "run": {"name": "run", "out_dir": str(folder / "runs"), "seed": 3},
-        "model": {
-            "arch": {"preset": "tiny"},
-            "text_encoder": {"path": str(folder / "gemma"), "max_tokens": 32, "dtype": "fp32"},
-            "vae": {"path": str(folder / "vae")},
-            "sampler": {"steps": 2},
-        },
-        "data": {
-            "shards": [str(folder / "shards" / "t-*.tar")], "num_workers": 0, "batching": "bucket",
-            "min_area": 64 * 64, "max_area": 64 * 64, "bucket_step": 64, "token_budget": 64,
-            # the loader resumes the same samples in the same order only without in-shard shuffling
-            "shuffle_buffer": 1,
-            "caption": {"caption_dropout": 0.0, "nl_prob": 0.0},
-        },
-        "optim": {"lr": 1e-3, "warmup_steps": 2},
-        "train": {"global_batch": 4, "micro_batch": 1, "grad_accum": 2, "max_steps": 6, "zero_stage": 2,
-                  "precision": "fp32"},
-        "ema": {"decay": 0.9},
-        "checkpoint": {"every_steps": 3, "every_minutes": 0, "keep_last": 1, "export_layouts": ["original"]},
-        "telemetry": {"wandb_mode": "disabled"},
-    }
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    return cfg_path
 
 
 def launch(cfg: Path, *overrides: str, ranks: int = 2, script: str = "launch/train_lu.sh",
@@ -102,7 +52,7 @@ def read_log(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("trainworld"))
+    return make_tiny_run(tmp_path_factory.mktemp("trainworld"))
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -22,12 +22,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_resume import ROOT, _wait_for_step, finish, launch, make_world, read_log  # noqa: E402
+from test_train_resume import ROOT, _wait_for_step, finish, launch, read_log  # noqa: E402
+
+from lumina_illus.train.tiny_run import make_tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("trainworld"))
+    return make_tiny_run(tmp_path_factory.mktemp("trainworld"))
 
 
 @pytest.mark.slow
