@@ -10,6 +10,7 @@ import math
 import resource
 import secrets
 import subprocess
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,7 +230,7 @@ class Telemetry:
         """Write metrics of `step` to log.jsonl and W&B."""
         if not self.active:
             return
-        self._write({"step": step, **metrics})
+        self._write({"step": step, "time": time.time(), **metrics})
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
