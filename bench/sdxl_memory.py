@@ -166,6 +166,14 @@ def main() -> None:
     print(f"  no checkpointing: {acts[False]['saved'] / GiB:.1f} GiB saved for backward")
     print(f"  checkpointing:    {acts[True]['saved'] / GiB:.1f} GiB saved + {acts[True]['block_peak'] / GiB:.2f} GiB "
           "for the largest resnet / transformer block recomputed in backward")
+    from transformers import CLIPTextConfig
+
+    from lumina_illus.models.sdxl import UNetFlops
+
+    fl = UNetFlops(SDXL_UNET, [CLIPTextConfig(**CLIP_L), CLIPTextConfig(**CLIP_G)])
+    per_image = fl(args.size // 8, args.size // 8, args.chunks)  # forward + backward, flop_counter on meta
+    print(f"training FLOPs per {args.size}^2 image (UNet + both text encoders, fwd+bwd): {per_image / 1e12:.2f} TFLOP; "
+          f"H100 bf16 989 TFLOP/s at 40% MFU: {0.4 * 989e12 / per_image:.1f} images/s per GPU")
     bucket = 2 * 5e8  # reduce_bucket_size 5e8 elements of bf16 (configs/deepspeed defaults in train/engine.py)
     for n in args.gpus:
         states = {
