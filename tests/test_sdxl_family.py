@@ -211,3 +211,20 @@ def test_community_single_file_without_metadata_uses_markers(tiny, comps, tmp_pa
     assert gen.sampler.schedule.alphas_cumprod[-1] == 0
     with pytest.raises(ValueError, match="components"):
         get_family("sdxl").load_generator(path, torch.device("cpu"))
+
+
+def test_sample_cli_on_a_community_single_file(tiny, comps, tmp_path):
+    from PIL import Image
+
+    from lumina_illus import sample
+    from lumina_illus.models import sdxl_checkpoint as ck
+
+    state = {n: getattr(comps, n).state_dict() for n in ck.COMPONENTS}
+    path = ck.write_single_file(tmp_path / "community.safetensors", state, dict(comps.unet.config),
+                                dict(comps.vae.config), v_pred=True, ztsnr=True)
+    paths = sample.main(["--ckpt", str(path), "--text-encoder", str(tiny), "--vae", str(tiny / "vae"),
+                         "--prompt", "the girl", "--size", "64x48", "--steps", "2", "--cfg", "2.0", "--num", "2",
+                         "--out", str(tmp_path / "s.png"), "--device", "cpu"])
+    assert [Image.open(p).size for p in paths] == [(64, 48)] * 2
+    with pytest.raises(TypeError, match="unknown options"):
+        get_family("sdxl").load_generator(path, torch.device("cpu"), components=str(tiny), shift=3.0)

@@ -31,7 +31,7 @@ from torch import nn
 from lumina_illus.config import check, from_dict
 from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
 from lumina_illus.models import sdxl_checkpoint as ckpt_io
-from lumina_illus.models.vae import LatentCodec, VAEConfig
+from lumina_illus.models.vae import LatentCodec, VAEConfig, torch_dtype
 from lumina_illus.objectives.diffusion import DiffusionConfig, NoiseSchedule, sample_noise, sample_timesteps
 from lumina_illus.sampling.diffusion import DiffusionSamplerConfig, SDXLGenerator
 
@@ -363,7 +363,7 @@ class SDXLFamily:
         # model.vae.path replaces the checkpoint's own VAE (e.g. an fp16-fixed one)
         codec = LatentCodec(m.vae, device, vae=None if m.vae.path else comps.vae)
         comps.vae = codec.vae
-        frozen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[m.frozen_dtype]
+        frozen_dtype = torch_dtype(m.frozen_dtype)
         for te in (comps.text_encoder, comps.text_encoder_2):
             te.to(device)
             if not train_te:
@@ -453,8 +453,17 @@ class SDXLFamily:
 
     def load_generator(self, path: str | Path, device: torch.device, **kwargs: Any) -> SDXLGenerator:
         """Sampler over an export folder (ckpt/step_X, its ema/ preferred), a diffusers SDXL folder, or a
-        single file. kwargs: components (diffusers folder for a lone single file without our metadata),
-        sampler (DiffusionSamplerConfig overriding the checkpoint's)."""
+        single file. kwargs:
+          components: diffusers SDXL folder with the configs + tokenizers a lone single file lacks
+            (`text_encoder_path`, the name `lumina_illus.sample --text-encoder` passes, means the same:
+            SDXL files hold their text encoders, only tokenizers and configs come from outside);
+          vae_path: a diffusers AutoencoderKL folder replacing the checkpoint's VAE;
+          sampler: a DiffusionSamplerConfig replacing the checkpoint's."""
+        unknown = set(kwargs) - {"components", "text_encoder_path", "vae_path", "sampler"}
+        if unknown:
+            raise TypeError(f"sdxl load_generator: unknown options {sorted(unknown)}")
+        if kwargs.get("text_encoder_path"):
+            kwargs["components"] = kwargs.get("components") or kwargs["text_encoder_path"]
         path = Path(path)
         meta = read_metadata(path)  # meta.json of an export folder (the ema/ subfolder has none)
         if path.is_dir() and (path / "ema").is_dir():
@@ -482,7 +491,10 @@ class SDXLFamily:
         sampler_cfg = kwargs.get("sampler") or m.sampler
         for mod in (comps.unet, comps.text_encoder, comps.text_encoder_2):
             mod.to(device).eval().requires_grad_(False)
-        codec = LatentCodec(replace(m.vae, path=None), device, vae=comps.vae)  # exports carry their VAE
+        if kwargs.get("vae_path"):
+            codec = LatentCodec(replace(m.vae, path=kwargs["vae_path"], subfolder=None), device)
+        else:
+            codec = LatentCodec(replace(m.vae, path=None), device, vae=comps.vae)  # exports carry their VAE
         text = SDXLTextConditioner(comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2,
                                    m.max_text_chunks)
         return SDXLGenerator(comps.unet, text, codec, NoiseSchedule.from_config(m.objective), m.objective.prediction,
