@@ -19,6 +19,11 @@ def tiny(tmp_path_factory):
     return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def comps(tiny):
+    return load_components(tiny)
+
+
 def _state(comps):
     return {n: getattr(comps, n).state_dict() for n in ck.COMPONENTS}
 
@@ -27,8 +32,7 @@ def _cfgs(comps):
     return dict(comps.unet.config), dict(comps.vae.config)
 
 
-def test_single_file_keys_follow_the_community_layout(tiny, tmp_path):
-    comps = load_components(tiny)
+def test_single_file_keys_follow_the_community_layout(comps, tmp_path):
     path = ck.write_single_file(tmp_path / "m.safetensors", _state(comps), *_cfgs(comps), v_pred=False, ztsnr=False)
     keys = set(load_file(path))
     for k in (  # names every SDXL loader (A1111, ComfyUI, Forge, kohya) expects
@@ -56,8 +60,7 @@ def test_single_file_keys_follow_the_community_layout(tiny, tmp_path):
         assert f.get_slice("conditioner.embedders.1.model.text_projection").get_shape() == [48, 32]
 
 
-def test_round_trip_is_exact_and_markers_are_read(tiny, tmp_path):
-    comps = load_components(tiny)
+def test_round_trip_is_exact_and_markers_are_read(comps, tmp_path):
     state = _state(comps)
     path = ck.write_single_file(tmp_path / "v.safetensors", state, *_cfgs(comps), v_pred=True, ztsnr=True,
                                 metadata={"k": "v"})
@@ -83,23 +86,20 @@ def _comfy_model_type(state_dict: dict) -> str:
 
 @pytest.mark.parametrize("v_pred,ztsnr,expect", [(False, False, "EPS"), (True, False, "V_PREDICTION"),
                                                   (True, True, "V_PREDICTION+zsnr")])
-def test_markers_are_what_comfyui_reads(tiny, tmp_path, v_pred, ztsnr, expect):
-    comps = load_components(tiny)
+def test_markers_are_what_comfyui_reads(comps, tmp_path, v_pred, ztsnr, expect):
     path = ck.write_single_file(tmp_path / "m.safetensors", _state(comps), *_cfgs(comps), v_pred=v_pred, ztsnr=ztsnr)
     assert _comfy_model_type(load_file(path)) == expect
 
 
-def test_ztsnr_marker_without_v_pred_is_refused(tiny):
-    comps = load_components(tiny)
+def test_ztsnr_marker_without_v_pred_is_refused(comps):
     with pytest.raises(ValueError, match="ztsnr"):
         ck.to_single_file(_state(comps), *_cfgs(comps), v_pred=False, ztsnr=True)
 
 
-def test_diffusers_reads_our_single_file_identically(tiny, tmp_path):
+def test_diffusers_reads_our_single_file_identically(tiny, comps, tmp_path):
     """diffusers' own converter (single_file_utils) must produce exactly our weights from our file."""
     from diffusers import StableDiffusionXLPipeline
 
-    comps = load_components(tiny)
     state = _state(comps)
     path = ck.write_single_file(tmp_path / "m.safetensors", state, *_cfgs(comps), v_pred=True, ztsnr=True)
     pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny), local_files_only=True)
@@ -109,8 +109,7 @@ def test_diffusers_reads_our_single_file_identically(tiny, tmp_path):
             assert torch.equal(theirs[k], v), (name, k)
 
 
-def test_load_components_from_single_file_matches_folder(tiny, tmp_path):
-    comps = load_components(tiny)
+def test_load_components_from_single_file_matches_folder(tiny, comps, tmp_path):
     path = ck.write_single_file(tmp_path / "m.safetensors", _state(comps), *_cfgs(comps), v_pred=True, ztsnr=False)
     again = load_components(path, components=tiny)
     assert again.v_pred and not again.ztsnr
@@ -121,8 +120,7 @@ def test_load_components_from_single_file_matches_folder(tiny, tmp_path):
         load_components(path)
 
 
-def test_foreign_keys_raise_with_file_and_key(tiny, tmp_path):
-    comps = load_components(tiny)
+def test_foreign_keys_raise_with_file_and_key(comps, tmp_path):
     sd = ck.to_single_file(_state(comps), *_cfgs(comps))
     sd["model.diffusion_model.input_blocks.99.0.weight"] = torch.zeros(1)
     path = tmp_path / "bad.safetensors"
@@ -131,8 +129,7 @@ def test_foreign_keys_raise_with_file_and_key(tiny, tmp_path):
         ck.read_single_file(path, *_cfgs(comps))
 
 
-def test_detection(tiny, tmp_path):
-    comps = load_components(tiny)
+def test_detection(tiny, comps, tmp_path):
     path = ck.write_single_file(tmp_path / "m.safetensors", _state(comps), *_cfgs(comps), v_pred=False, ztsnr=False)
     assert ck.is_sdxl_single_file(path)
     assert ck.is_sdxl_diffusers_folder(tiny)
