@@ -193,7 +193,7 @@ class ShardStream(IterableDataset):
             torch.set_num_threads(1)  # workers decode with PIL; torch threads would oversubscribe cores
         consumer, n_consumers = self.rank * nw + wid, self.world_size * nw
         cfg = self.cfg
-        # a resumed run must not replay the same shuffle: samples_seen enters the seed
+        # shuffle order only; a resumed run must not replay the same shuffle: samples_seen enters the seed
         rng = random.Random(f"{self.seed}/{consumer}/{n_consumers}/{self.cursor_state['cursor']['samples_seen']}")
         buffer: list[tuple[int, int, TarSample]] = []
         events: list[tuple[str, Any]] = []  # skips and shard ends since the last batch
@@ -214,8 +214,11 @@ class ShardStream(IterableDataset):
 
         def process(epoch: int, shard: int, ts: TarSample) -> list[Sample] | None:
             where = self.urls[shard]
+            # augmentation randomness (tag shuffle, dropouts, crop) is a pure function of the sample's
+            # identity, so a resumed run (any world size) builds exactly the captions the first run would
+            sample_rng = random.Random(f"{self.seed}/{epoch}/{shard}/{ts.index}")
             try:
-                d = decode_sample(ts, cfg, self.caption_cfg, rng, self.latent_mode)
+                d = decode_sample(ts, cfg, self.caption_cfg, sample_rng, self.latent_mode)
             except Exception as e:
                 reason = e.reason if isinstance(e, SkipSample) else "other_error"
                 msg = str(e) if isinstance(e, SkipSample) else f"{type(e).__name__}: {e}"
