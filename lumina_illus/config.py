@@ -306,6 +306,13 @@ class SampleGridConfig:
     steps: int = 30
     guidance: float = 4.0
 
+    def __post_init__(self) -> None:
+        check(self.every_steps >= 0, "every_steps", "must be >= 0")
+        check(self.every_steps == 0 or bool(self.prompts), "prompts", "must not be empty when every_steps > 0")
+        check(bool(self.sizes) and bool(self.seeds), "sizes", "and seeds must not be empty")
+        check(all(w > 0 and h > 0 for w, h in self.sizes), "sizes", "must be positive (width, height) pairs")
+        check(self.steps >= 1, "steps", "must be >= 1")
+
 
 @dataclass
 class EvalConfig:
@@ -313,6 +320,12 @@ class EvalConfig:
     characters: str | None = None  # characters file (see eval/char_recall.py)
     tagger: str | None = None  # WD-format tagger dir (model.onnx + selected_tags.csv)
     max_characters: int = 8  # characters evaluated in the in-training recall
+
+    def __post_init__(self) -> None:
+        check(self.char_recall_every >= 0, "char_recall_every", "must be >= 0")
+        check(self.char_recall_every == 0 or (self.characters is not None and self.tagger is not None),
+              "char_recall_every", "> 0 needs eval.characters and eval.tagger")
+        check(self.max_characters >= 1, "max_characters", "must be >= 1")
 
 
 @dataclass

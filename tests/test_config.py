@@ -72,6 +72,8 @@ def test_wrong_type_names_key(tmp_path, section, key, value, expect):
         ("checkpoint", "keep_last", 0, r"invalid 'checkpoint'.*'keep_last' must be >= 1"),
         ("train", "max_bad_steps", 0, r"invalid 'train'.*'max_bad_steps' must be > 0"),
         ("telemetry", "log_every", 0, r"invalid 'telemetry'.*'log_every' must be >= 1"),
+        ("sampling", "every_steps", 5, r"invalid 'sampling'.*'prompts' must not be empty when every_steps > 0"),
+        ("eval", "char_recall_every", 100, r"invalid 'eval'.*needs eval.characters and eval.tagger"),
     ],
 )
 def test_impossible_value_names_key(tmp_path, section, key, value, expect):
