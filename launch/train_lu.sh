@@ -17,11 +17,9 @@ Train the Lumina-2 family (train.py with --family lumina2). The same file runs a
     bash launch/train_lu.sh configs/toy_lu.yaml        # one local rank
 """
 import os
-import runpy
 import sys
 
-FAMILY = "lumina2"
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, root)
-sys.argv = [os.path.join(root, "train.py"), "--family", FAMILY, *sys.argv[1:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lumina_illus.train.entry import run_train_py  # noqa: E402
+
+run_train_py(__file__, family="lumina2")

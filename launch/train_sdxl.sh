@@ -17,11 +17,9 @@ Train the SDXL family (train.py with --family sdxl). The same file runs as a Pyt
     bash launch/train_sdxl.sh configs/toy_sdxl.yaml        # one local rank
 """
 import os
-import runpy
 import sys
 
-FAMILY = "sdxl"
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, root)
-sys.argv = [os.path.join(root, "train.py"), "--family", FAMILY, *sys.argv[1:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lumina_illus.train.entry import run_train_py  # noqa: E402
+
+run_train_py(__file__, family="sdxl")
