@@ -1,0 +1,75 @@
+"""Step telemetry: t-bin assignment, the per-step gather across 2 real ranks (sums, straggler spread,
+agreed flags), and the MFU / throughput arithmetic."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lumina_illus.evaluation import metrics as M
+from lumina_illus.train.telemetry import StepStats, gather_stats, image_grid, step_metrics
+
+
+def test_losses_land_in_the_bins_the_eval_expects():
+    s = StepStats()
+    t = torch.tensor([0.0, 0.05, 0.37, 0.999, 1.0, 0.5])
+    loss = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0, float("nan")])
+    s.add_losses(loss, t)
+    assert s.nonfinite_loss == 1 and s.loss_count == 5 and s.loss_sum == 16.0
+    for ti in t.tolist()[:5]:
+        assert s.bin_count[M.LOSS_T.index(M.loss_t_key(ti))] >= 1
+    assert s.bin_sum[0] == 4.0 and s.bin_count[0] == 2  # t 0.0 and 0.05
+    assert s.bin_sum[9] == 10.0 and s.bin_count[9] == 2  # t 0.999 and 1.0
+
+
+def test_step_metrics_mfu_and_rates():
+    g = {"step_time_max": 2.0, "step_time_spread": 0.1, "data_wait_frac": 0.05, "samples": 64, "tokens": 6400,
+         "flops": 4e15, "loss": 0.5, "keys_crc": 7, "bin_sum": [1.0] + [0.0] * 9, "bin_count": [2] + [0] * 9}
+    s = StepStats(extras={"x": 3.0}, micro_batches=2)
+    m = step_metrics(g, s, lr=1e-4, grad_norm=1.5, samples_seen=640, skipped=1, peak=989e12, world=8, mem=3.0)
+    assert m[M.MFU] == pytest.approx(4e15 / 2.0 / (989e12 * 8))
+    assert m[M.IMAGES_PER_S] == 32 and m[M.TOKENS_PER_S] == 3200
+    assert m[M.LOSS_T[0]] == 0.5 and M.LOSS_T[1] not in m
+    assert m[M.GRAD_NORM] == 1.5 and m["family/x"] == 1.5 and m[M.SKIPPED_STEPS] == 1
+    assert M.MFU not in step_metrics(g, s, lr=1e-4, grad_norm=None, samples_seen=0, skipped=0, peak=None,
+                                     world=8, mem=0.0)
+
+
+def test_image_grid_layout():
+    from PIL import Image
+
+    ims = [Image.new("RGB", (64, 32), c) for c in ("red", "green", "blue")]
+    grid = image_grid(ims, cols=2)
+    assert grid.size == (128, 64) and grid.getpixel((70, 5)) == (0, 128, 0) and grid.getpixel((70, 40)) == (255, 255, 255)
+
+
+def _gather_worker(rank: int, world: int, port: int, result: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    s = StepStats(step_time=1.0 + rank, data_wait=0.5, samples=3 + rank, tokens=10, flops=1e9,
+                  stop=rank == 1, save_now=rank == 1)
+    s.add_losses(torch.tensor([1.0 + rank]), torch.tensor([0.15]))
+    g = gather_stats(s, torch.device("cpu"))
+    if rank == 0:
+        result.update(g)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gather_sums_spread_and_flags_over_two_ranks():
+    from lumina_illus.train.engine import _free_port
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_gather_worker, args=(2, _free_port(), result), nprocs=2, join=True)
+        g = dict(result)
+    assert g["samples"] == 7 and g["tokens"] == 20 and g["flops"] == 2e9
+    assert g["step_time_max"] == 2.0 and g["step_time_spread"] == pytest.approx((2.0 - 1.0) / 1.5)
+    assert g["data_wait_frac"] == pytest.approx((0.5 / 1 + 0.5 / 2) / 2)
+    assert g["loss"] == 1.5 and g["bin_count"][1] == 2 and g["bin_sum"][1] == 3.0
+    assert g["stop"] is True  # any rank's signal stops everyone
+    assert g["save_now"] is False  # only rank 0's checkpoint clock counts
