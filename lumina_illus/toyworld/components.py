@@ -108,8 +108,10 @@ def build_toy_world(
         return {"vocab_size": len(AutoTokenizer.from_pretrained(str(folder))), "hidden": cfg.gemma_hidden}
 
     reports["gemma"] = _cached(comp / "gemma", {**base, "hidden": cfg.gemma_hidden}, gemma, "tiny Gemma-2")
-    key = {**base, "tagger": asdict(cfg.tagger)}
-    reports["tagger"] = _cached(comp / "tagger", key, lambda f: train_tagger(f, world, cfg.tagger), "WD tagger")
+    # the tagger also learns from VAE round trips (what generated images look like), so it depends on the VAE
+    key = {**base, "tagger": asdict(cfg.tagger), "vae": reports["vae"]}
+    reports["tagger"] = _cached(comp / "tagger", key, lambda f: train_tagger(f, world, cfg.tagger, comp / "vae"),
+                                "WD tagger")  # fmt: skip
 
     if sdxl:
         def sdxl_build(folder: Path) -> dict[str, Any]:

@@ -50,6 +50,7 @@ class TaggerConfig:
     batch_size: int = 64
     lr: float = 3e-3
     width: int = 32  # channels of the first conv; doubled twice
+    vae_fraction: float = 0.5  # share of training images replaced by their VAE round trip (when a VAE is given)
     seed: int = 0
 
 
@@ -103,10 +104,21 @@ def blob_image(rng: random.Random) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 4)))
 
 
+def vae_roundtrip(vae: nn.Module, img: Image.Image) -> Image.Image:
+    """The image after VAE encode (posterior mean) and decode: what any generated image looks like."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1  # (1, 3, H, W)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]  # (3, H, W)
+    arr = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (H, W, 3)
+    return Image.fromarray(arr)
+
+
 def _dataset(
-    scenes: list[Scene | None], index: dict[str, int], seed: int, size: int, desc: str
+    scenes: list[Scene | None], index: dict[str, int], seed: int, size: int, desc: str,
+    vae: nn.Module | None = None, vae_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render scenes (None: a random-blob negative) -> inputs (N, S, S, 3) BGR 0..255, targets (N, T)."""
+    """Render scenes (None: a random-blob negative) -> inputs (N, S, S, 3) BGR 0..255, targets (N, T).
+    With `vae`, a `vae_fraction` of the images is replaced by its VAE round trip."""
     rng = random.Random(seed)
     xs, ys = [], []
     for scene in tqdm(scenes, desc=desc, unit="img", leave=False):
@@ -119,6 +131,8 @@ def _dataset(
             tags = scene_tags(scene, rng)
             for t in [*tags["general"], *tags["character"]]:
                 y[index[t]] = 1.0
+        if vae is not None and rng.random() < vae_fraction:
+            img = vae_roundtrip(vae, img)
         xs.append(wd_preprocess(img, size))  # (S, S, 3) BGR 0..255, padded to square on white
         ys.append(y)
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
@@ -166,9 +180,19 @@ def character_accuracy(model: nn.Module, x: torch.Tensor, labels: list[int], cha
     return float((p.argmax(1)[keep] == lab[keep]).float().mean())
 
 
-def train_tagger(out_dir: str | Path, world: WorldConfig, cfg: TaggerConfig | None = None) -> dict[str, Any]:
-    """Train, export `model.onnx` + `selected_tags.csv` into out_dir, return held-out metrics."""
+def train_tagger(
+    out_dir: str | Path, world: WorldConfig, cfg: TaggerConfig | None = None, vae_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Train, export `model.onnx` + `selected_tags.csv` into out_dir, return held-out metrics. With
+    `vae_dir` (a diffusers AutoencoderKL trained on the world), part of the training images are VAE
+    round trips, so the tagger reads decoded (generated) images as well as renders; the held-out
+    accuracy is then also reported on round trips."""
     cfg = cfg or TaggerConfig()
+    vae = None
+    if vae_dir is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -181,7 +205,7 @@ def train_tagger(out_dir: str | Path, world: WorldConfig, cfg: TaggerConfig | No
     char_cols = [index[ch.tag] for ch in CHARACTERS]
 
     scenes, labels = _scenes(cfg.per_character, cfg.negatives, world.seed)
-    x, y = _dataset(scenes, index, world.seed, cfg.size, "tagger train renders")
+    x, y = _dataset(scenes, index, world.seed, cfg.size, "tagger train renders", vae, cfg.vae_fraction)
     h_scenes, h_labels = _scenes(cfg.heldout_per_character, cfg.heldout_per_character, world.seed + 10_000)
     hx, _ = _dataset(h_scenes, index, world.seed + 10_000, cfg.size, "tagger held-out renders")
 
@@ -217,6 +241,9 @@ def train_tagger(out_dir: str | Path, world: WorldConfig, cfg: TaggerConfig | No
     with torch.no_grad():
         neg = torch.tensor(h_labels) < 0
         report["heldout_negative_max_char_prob_mean"] = float(model(hx[neg])[:, char_cols].max(1).values.mean())
+    if vae is not None:  # the same held-out scenes after a VAE round trip
+        vx, _ = _dataset(h_scenes, index, world.seed + 10_000, cfg.size, "tagger held-out VAE round trips", vae, 1.0)
+        report["heldout_char_accuracy_vae_roundtrip"] = character_accuracy(model, vx, h_labels, char_cols)
     export_onnx(model, out / "model.onnx", cfg.size)
     write_selected_tags(out / "selected_tags.csv", rows)
     return report

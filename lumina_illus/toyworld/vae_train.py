@@ -43,6 +43,7 @@ class VAETrainConfig:
     batch_size: int = 16
     lr: float = 2e-3
     kl_weight: float = 1e-4
+    chroma_weight: float = 0.0  # extra MSE on colour (pixel minus its channel mean)
     heldout: int = 48  # whole images for the reported PSNR
     seed: int = 0
 
@@ -64,6 +65,12 @@ def _crops(images: list[torch.Tensor], n: int, side: int, rng: random.Random) ->
         y, x = rng.randint(0, img.shape[1] - side), rng.randint(0, img.shape[2] - side)
         out.append(img[:, y : y + side, x : x + side])
     return torch.stack(out)  # (n, 3, side, side)
+
+
+def warmup_cosine(step: int, total: int, warmup: float = 0.1) -> float:
+    """LR factor: linear warm-up over the first `warmup` share of steps, then cosine to zero."""
+    w = max(1, round(total * warmup))
+    return min(1.0, (step + 1) / w) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,7 +125,7 @@ def train_vae(
 
     def run(params: list[torch.nn.Parameter], steps: int, desc: str, kl: bool) -> float:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, steps))
         loss = torch.zeros(())
         for _ in (bar := tqdm(range(steps), desc=desc, unit="step", leave=False)):
             x = _crops(images, cfg.batch_size, cfg.crop, rng)  # (B, 3, crop, crop)
@@ -127,6 +134,8 @@ def train_vae(
             # sampling with the initial unit variance would drown the small initial means in noise
             rec = vae.decode(post.mean).sample  # (B, 3, crop, crop)
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+            if cfg.chroma_weight:  # colour is what tells the characters apart, and a young AE learns it last
+                loss = loss + cfg.chroma_weight * F.mse_loss(rec - rec.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
             if kl:  # keeps the latent means near N(0, I) in scale; normalise_latents sets the exact scale
                 loss = loss + cfg.kl_weight * post.kl().mean() / x[0].numel()
             opt.zero_grad()
