@@ -42,11 +42,15 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
 
 
 def read_log(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
-    """log.jsonl -> ({step: last metrics record of that step}, [event records])."""
-    steps, events = {}, []
+    """log.jsonl -> ({step: metrics of that step, later records overriding}, [event records])."""
+    steps: dict[int, dict] = {}
+    events = []
     for line in (run_dir / "log.jsonl").read_text().splitlines():
         r = json.loads(line)
-        (events.append(r) if "event" in r else steps.__setitem__(r["step"], r))
+        if "event" in r:
+            events.append(r)
+        else:
+            steps.setdefault(r["step"], {}).update(r)
     return steps, events
 
 

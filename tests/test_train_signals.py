@@ -1,8 +1,8 @@
 """Preemption and divergence, end to end on the tiny world of test_train_resume.py:
 
 - SIGTERM to every rank (what Slurm does) under `deepspeed --no_python launch/train_lu.sh`: the step
-  finishes, a checkpoint is written, every process exits 0; W&B offline files land in the run dir and
-  sample grids are drawn on the way.
+  finishes, a checkpoint is written, every process exits 0; W&B offline files land in the run dir, and
+  sample grids and the in-training character recall (evaluation's toy WD tagger) run on the way.
 - a diverging run (`bash launch/train_lu.sh`, one rank, absurd LR): non-finite steps are skipped and
   counted, the weights stay finite, and `train.max_bad_steps` in a row stop the run with a checkpoint.
 """
@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_eval_toys import build_toy_tagger  # noqa: E402
 from test_train_resume import ROOT, _wait_for_step, finish, launch, read_log  # noqa: E402
 
 from lumina_illus.train.tiny_run import make_tiny_run  # noqa: E402
@@ -35,7 +36,11 @@ def world(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_sigterm_finishes_step_checkpoints_and_exits_zero(world):
     run_dir = world.parent / "runs" / "term"
+    tagger = build_toy_tagger(world.parent / "tagger")
+    chars = world.parent / "characters.csv"
+    chars.write_text("name,tag,prompt,train_samples\nAlice,alice,red girl,10\n")
     proc = launch(world, "run.name=term", "train.max_steps=200", "telemetry.wandb_mode=offline",
+                  "eval.char_recall_every=2", f"eval.characters={chars}", f"eval.tagger={tagger}",
                   "sampling.every_steps=2", "sampling.prompts=[red, cat]", "sampling.sizes=[[64, 64], [128, 64]]",
                   "sampling.steps=2",
                   launcher=["deepspeed", "--no_python", "--num_gpus", "2", "--master_port", "29733"])
@@ -61,6 +66,8 @@ def test_sigterm_finishes_step_checkpoints_and_exits_zero(world):
     # sample grid: one row per prompt, one column per (width, height)
     grid = Image.open(run_dir / "samples" / "step_0000002.png")
     assert grid.size == (64 + 128, 64 + 64)
+    # in-training character recall through lumina_illus.evaluation (random weights: any value in [0, 1])
+    assert 0.0 <= steps[2]["eval/char_recall"] <= 1.0
 
 
 @pytest.mark.slow
