@@ -68,6 +68,11 @@ def test_sigterm_finishes_step_checkpoints_and_exits_zero(world):
     assert grid.size == (64 + 128, 64 + 64)
     # in-training character recall through lumina_illus.evaluation (random weights: any value in [0, 1])
     assert 0.0 <= steps[2]["eval/char_recall"] <= 1.0
+    # resuming these 2-rank ZeRO states on 1 rank: DeepSpeed cannot re-partition, we say what to do
+    one = launch(world, "run.name=term", "train.max_steps=200", "train.grad_accum=4", launcher=["bash"])
+    out = finish(one)
+    assert one.returncode != 0
+    assert "saved by 2 ranks, this run has 1. Resume with 2 ranks" in out and "load_universal" in out
 
 
 @pytest.mark.slow

@@ -212,17 +212,26 @@ class Checkpointer:
     ) -> TrainState:
         """Collective: restore engine, EMA, data cursor and RNG of this rank from `path`."""
         ds_dir = path / "ds"
+        saved = json.loads((ds_dir / "trainer_state.json").read_text())
+        saved_world = saved["world_size"]
+        universal = bool(self.cfg.train.deepspeed.get("checkpoint", {}).get("load_universal"))
+        if saved_world != self.world and not universal:
+            # DeepSpeed cannot re-partition ZeRO optimizer state by itself; say what works instead
+            raise RuntimeError(
+                f"{path}: saved by {saved_world} ranks, this run has {self.world}. Resume with {saved_world} "
+                f"ranks; or convert {ds_dir / DS_TAG} with DeepSpeed's ds_to_universal.py and set "
+                f"train.deepspeed.checkpoint.load_universal=true; or start a new run from the exported "
+                f"weights (model.pretrained={path}, checkpoint.resume=none)."
+            )
         loaded, _ = engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"{ds_dir}: DeepSpeed could not load tag {DS_TAG!r}")
-        saved = json.loads((ds_dir / "trainer_state.json").read_text())
         state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
-        saved_world = saved["world_size"]
         loader.load_state_dict(saved["data"])  # the global cursor survives a change of world size
         if saved_world == self.world:
             set_rng_state(json.loads((ds_dir / f"rank_{self.rank:05d}.json").read_text())["rng"], generators)
         elif self.rank == 0:
-            print(f"[resume] world size {saved_world} -> {self.world}: data cursor kept, RNG streams re-seeded")
+            print(f"[resume] world size {saved_world} -> {self.world}: data cursor and EMA re-sliced, RNG re-seeded")
         if ema is not None:
-            ema.load(ds_dir, saved_world)
+            ema.load(ds_dir, saved_world)  # EMA shards re-slice for a new world size
         return state
