@@ -58,7 +58,7 @@ def train(cfg: RunConfig) -> TrainState:
     loader = build_loader(cfg.data, micro_batch=cfg.train.micro_batch, rank=env.rank,
                           world_size=env.world_size, seed=cfg.run.seed)
     ema = ShardedEMA(engine.module, cfg.ema, env.rank, env.world_size) if cfg.ema.enabled else None
-    # t / noise / caption-dropout draws of `prepare`: one stream per rank, saved in checkpoints
+    # the t and noise draws of `prepare`: one stream per rank, saved in checkpoints
     gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank)
     generators = {"prepare": gen}
     git = git_revision()
@@ -137,7 +137,7 @@ def train(cfg: RunConfig) -> TrainState:
                                  ema=ema, loader=loader, generators=generators)
                 tel.event(state.step, "checkpoint", path=str(path), resume_state=save_state, export=export)
             if g["stop"]:
-                tel.event(state.step, "stopped_by_signal", signal=stop.received)
+                tel.event(state.step, "stopped_by_signal", signal=stop.received or "received by another rank")
                 break
             if too_bad:
                 raise TooManyBadSteps(
