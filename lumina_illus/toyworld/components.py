@@ -38,7 +38,7 @@ SDXL_SCALE, SDXL_SHIFT = 0.13025, 0.0  # published SDXL VAE normalisation
 class ComponentsConfig:
     vae_channels: tuple[int, int, int, int] = (16, 32, 32, 32)  # block widths of the tiny Flux-like AE
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
-    sdxl_vae: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(steps=300, decoder_steps=60))
+    sdxl_vae: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(steps=800, decoder_steps=100))
     tagger: TaggerConfig = field(default_factory=TaggerConfig)
     gemma_hidden: int = 32  # tiny Gemma-2 width (the DiT's caption feature size)
 

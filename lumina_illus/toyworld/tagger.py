@@ -44,7 +44,7 @@ from lumina_illus.toyworld.world import WorldConfig, random_scene, scene_tags
 class TaggerConfig:
     size: int = 64  # model input side (WD v3 uses 448; the toy world's images are 64-128 px)
     per_character: int = 160  # training renders per character (balanced)
-    negatives: int = 400  # background-only + random-blob images without any character
+    negatives: int = 600  # background-only, random-blob and (with a VAE) random-latent images: no character
     heldout_per_character: int = 20  # fresh renders per character for the reported accuracy
     epochs: int = 12
     batch_size: int = 64
@@ -113,6 +113,29 @@ def vae_roundtrip(vae: nn.Module, img: Image.Image) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def vae_noise_image(vae: nn.Module, rng: random.Random) -> Image.Image:
+    """The decode of random latents with the VAE's own per-channel latent statistics (measured once on
+    one render of each character): the texture an untrained generator produces; carries no character."""
+    w, h = rng.choice([(64, 64), (96, 96), (128, 96), (96, 128)])
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    c = vae.config.latent_channels
+    if not hasattr(vae, "_toy_latent_stats"):  # per-channel mean/std of real latents, measured once
+        ref = [render(random_scene(ch, random.Random(i))) for i, ch in enumerate(CHARACTERS)]
+        x = torch.stack([torch.from_numpy(np.asarray(im.resize((64, 64)), dtype=np.float32)) for im in ref])
+        with torch.no_grad():
+            z = vae.encode(x.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean  # (12, C, 8, 8)
+        vae._toy_latent_stats = (z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)))
+    mu, sd = vae._toy_latent_stats
+    # smoothness varies: white noise up to blobs 4 latent pixels wide, like early generator outputs
+    k = rng.choice([1, 2, 4])
+    z = torch.randn(1, c, -(-h // (8 * k)), -(-w // (8 * k)), generator=g)
+    z = F.interpolate(z, scale_factor=k, mode="bilinear")[..., : h // 8, : w // 8]  # (1, C, h/8, w/8)
+    z = z / z.flatten(2).std(2)[..., None, None] * sd[None, :, None, None] + mu[None, :, None, None]
+    with torch.no_grad():
+        y = vae.decode(z).sample[0]  # (3, H, W)
+    return Image.fromarray(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
 def _dataset(
     scenes: list[Scene | None], index: dict[str, int], seed: int, size: int, desc: str,
     vae: nn.Module | None = None, vae_fraction: float = 0.0,
@@ -124,7 +147,9 @@ def _dataset(
     for scene in tqdm(scenes, desc=desc, unit="img", leave=False):
         y = np.zeros(len(index), np.float32)
         y[index[RATING]] = 1.0
-        if scene is None:
+        if scene is None and vae is not None and rng.random() < 0.5:
+            img = vae_noise_image(vae, rng)
+        elif scene is None:
             img = blob_image(rng)
         else:
             img = render(scene)
