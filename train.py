@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         state = train(cfg)
         if dist.get_rank() == 0:
             print(f"done: step {state.step}, {state.samples_seen} samples seen, {state.skipped_steps} skipped steps")
+    except ConfigError as e:  # checks that need the world size (batch arithmetic) fail on every rank
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

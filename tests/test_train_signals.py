@@ -103,6 +103,15 @@ def test_launcher_rejects_a_config_of_another_family(world):
     assert "family is 'lumina2' but this launcher trains 'sdxl'" in r.stderr and "launch/train_lu.sh" in r.stderr
 
 
+@pytest.mark.slow
+def test_batch_arithmetic_mismatch_stops_every_rank_with_the_numbers(world):
+    proc = launch(world, "run.name=arith", "train.grad_accum=3")
+    out = finish(proc)
+    assert proc.returncode != 0
+    assert out.count("train.micro_batch=1 x train.grad_accum=3 x world_size=2 = 6") == 2  # both ranks
+    assert "use train.grad_accum=2" in out
+
+
 def test_help_works_three_ways():
     for cmd in (["bash", "launch/train_lu.sh", "--help"], [sys.executable, "launch/train_lu.sh", "--help"],
                 ["./launch/train_sdxl.sh", "--help"], [sys.executable, "train.py", "--help"]):
