@@ -37,9 +37,10 @@ def main() -> None:
     print(f"[toyworld] characters: {args.out}/characters.csv")
     print(f"[toyworld] VAE held-out PSNR {r['vae']['psnr_heldout']:.1f} dB "
           f"(untrained {r['vae']['psnr_heldout_untrained']:.1f} dB): {args.out}/components/vae")  # fmt: skip
-    print(f"[toyworld] tagger held-out character accuracy {r['tagger']['heldout_char_accuracy']:.3f} "
-          f"({r['tagger']['heldout_images']} renders; blurred/noisy {r['tagger']['heldout_char_accuracy_augmented']:.3f})"
-          f": {args.out}/components/tagger")  # fmt: skip
+    t = r["tagger"]
+    print(f"[toyworld] tagger held-out character accuracy {t['heldout_char_accuracy']:.3f} on {t['heldout_images']} "
+          f"renders ({t['heldout_char_accuracy_augmented']:.3f} blurred/noisy, "
+          f"{t['heldout_char_accuracy_vae_roundtrip']:.3f} after a VAE round trip): {args.out}/components/tagger")  # fmt: skip
     print(f"[toyworld] text encoder: {args.out}/components/gemma (vocab {r['gemma']['vocab_size']})")
     if "sdxl" in r:
         print(f"[toyworld] SDXL: {args.out}/components/sdxl (VAE PSNR {r['sdxl']['vae']['psnr_heldout']:.1f} dB)")
