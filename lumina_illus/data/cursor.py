@@ -188,4 +188,12 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
                     d[kk] = d.get(kk, 0) + vv
             else:
                 counters[k] = counters.get(k, 0) + v
-    return {"cursor": merged.state_dict(), "counters": counters, "merged": True}
+    out = {"cursor": merged.state_dict(), "counters": counters, "merged": True}
+    # stream layouts (loader.py): kept when every part has one of the same layout and origin (each
+    # rank holds its own consumers' snapshots); otherwise a resume reshuffles what remains
+    layouts = [s.get("layout") for s in states]
+    if all(x is not None and (x["key"], x["origin"]) == (layouts[0]["key"], layouts[0]["origin"]) for x in layouts):
+        out["layout"] = {"key": layouts[0]["key"], "origin": layouts[0]["origin"],
+                         "consumers": {k: v for x in layouts for k, v in x["consumers"].items()},
+                         "next_role": {k: v for x in layouts for k, v in x["next_role"].items()}}
+    return out

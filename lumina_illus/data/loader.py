@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,8 @@ from lumina_illus.data.shards import expand_shards, manifest_counts
 from lumina_illus.data.stream import SKIP_REASONS, ShardStream
 
 _RECENT = 20  # skipped samples kept for stats()["recent_skips"]
+
+log = logging.getLogger("lumina_illus.data")
 
 
 class Loader:
@@ -50,16 +53,30 @@ class Loader:
         self.last_sources: list[tuple[int, int, int]] = []  # (epoch, shard index, ordinal) of the last batch
         self.last_skips: list[tuple] = []  # (epoch, shard, ordinal, reason, shard url, key, message) reported with it
         self.reading_epoch = 0  # newest epoch this rank has delivered samples of
+        # the stream layout: work items are dealt from `origin` (the cursor this layout started from);
+        # consumers[str(id)] is each of this rank's consumers' snapshot after its last consumed batch;
+        # next_role is the worker role whose batch the trainer gets next (DataLoader goes round-robin)
+        self.origin: dict[str, Any] = self.cursor.state_dict()
+        self.snapshots: dict[str, Any] = {}
+        self.next_role = 0
 
     @staticmethod
     def _zero_counters() -> dict[str, Any]:
         return {"skipped": dict.fromkeys(SKIP_REASONS, 0), "batches": 0, "samples": 0, "tokens": 0, "budget": 0,
                 "buckets": {}}
 
+    def layout_key(self) -> dict[str, Any]:
+        """What must be unchanged for a resume to continue the same batch sequence."""
+        c = self.cfg
+        return {"world_size": self.world_size, "num_workers": c.num_workers, "micro_batch": self.micro_batch,
+                "batching": c.batching, "token_budget": c.token_budget, "shuffle_buffer": c.shuffle_buffer,
+                "latent_mode": self.latent_mode}
+
     # ---- iteration
 
     def _dataloader(self) -> DataLoader:
-        ds = ShardStream(self.cfg, self.urls, {"cursor": self.cursor.state_dict()}, micro_batch=self.micro_batch,
+        layout = {"origin": self.origin, "role_offset": self.next_role, "consumers": self.snapshots}
+        ds = ShardStream(self.cfg, self.urls, layout, micro_batch=self.micro_batch,
                          rank=self.rank, world_size=self.world_size, seed=self.seed, latent_mode=self.latent_mode)
         nw = self.cfg.num_workers
         return DataLoader(
@@ -95,6 +112,8 @@ class Loader:
             self.reading_epoch = max(self.reading_epoch, e)
         n = len(book["samples"])
         self.cursor.samples_seen += n
+        self.snapshots[str(book["consumer"])] = book["snapshot"]
+        self.next_role = (book["role"] + 1) % max(1, self.cfg.num_workers)
         c["batches"] += 1
         c["samples"] += n
         c["tokens"] += book["tokens"]
@@ -108,7 +127,9 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """This rank's cursor and counters; with torch.distributed initialised over this loader's
         world, all ranks' states are gathered and merged (a collective: call it on every rank)."""
-        own = {"cursor": self.cursor.state_dict(), "counters": self.counters}
+        own = {"cursor": self.cursor.state_dict(), "counters": self.counters,
+               "layout": {"key": self.layout_key(), "origin": self.origin, "consumers": self.snapshots,
+                          "next_role": {str(self.rank): self.next_role}}}
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             if dist.get_world_size() != self.world_size:
                 raise RuntimeError(f"loader world_size {self.world_size} != process group {dist.get_world_size()}")
@@ -134,6 +155,23 @@ class Loader:
             c.samples_seen = 0
         self.cursor = c
         self.reading_epoch = c.base_epoch
+        saved = state.get("layout")
+        if saved is not None and saved["key"] == self.layout_key():
+            # same layout: every consumer continues its own stream from its snapshot
+            nw = max(1, self.cfg.num_workers)
+            own = {str(self.rank * nw + r) for r in range(nw)}
+            self.origin = saved["origin"]
+            self.snapshots = {k: v for k, v in saved["consumers"].items() if k in own}
+            self.next_role = int(saved["next_role"].get(str(self.rank), 0))
+        else:
+            why = ("the state holds no stream layout" if saved is None else
+                   f"the world changed: saved {saved['key']}, now {self.layout_key()}")
+            if self.rank == 0:
+                log.info("data: remaining samples are reshuffled (%s); no sample of the epoch is repeated or "
+                         "skipped", why)
+            # the loaded global cursor (rank 0's samples_seen included, so the origin is the same on
+            # every rank and the next merge keeps the layout)
+            self.origin, self.snapshots, self.next_role = Cursor.from_state(state["cursor"]).state_dict(), {}, 0
         self.counters = self._zero_counters()
         if self.rank == 0:
             saved = state.get("counters", {})

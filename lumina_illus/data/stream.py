@@ -1,9 +1,13 @@
 """What runs inside each DataLoader worker: read my shards, shuffle, decode, bucket, batch.
 
-Each worker is one consumer (consumer id = rank * num_workers + worker id) of the work items
-dealt by the cursor (cursor.py). It yields (Batch, book) pairs; `book` tells the main process
-which samples the batch holds and which samples were skipped or shards finished since the last
-batch, so the cursor and the skip counts are updated only for what the trainer really received.
+Each worker is one consumer (consumer id = rank * num_workers + worker role) of the work items
+dealt round-robin from the layout's origin cursor (cursor.py). It yields (Batch, book) pairs; `book`
+tells the main process which samples the batch holds and which samples were skipped or shards
+finished since the last batch, so the cursor and the skip counts are updated only for what the
+trainer really received. The book also carries a snapshot of the consumer right after that batch
+(position in its work items, shuffle RNG state, and by sample identity what the shuffle buffer and
+the packer or bucket queues hold): a resume with the same layout restores it, re-reading only those
+samples, and continues with exactly the batches the uninterrupted stream would have produced.
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ class ShardStream(IterableDataset):
         self,
         cfg: DataConfig,
         urls: list[str],
-        cursor_state: dict[str, Any],
+        layout: dict[str, Any],
         *,
         micro_batch: int,
         rank: int,
@@ -157,49 +161,141 @@ class ShardStream(IterableDataset):
         seed: int,
         latent_mode: bool,
     ):
-        self.cfg, self.urls, self.cursor_state = cfg, urls, cursor_state
+        # layout: {"origin": cursor state the work items are dealt from, "role_offset": worker whose
+        # batch comes first, "consumers": {str(consumer id): snapshot}} (see Loader)
+        self.cfg, self.urls, self.layout = cfg, urls, layout
         self.caption_cfg = from_dict(CaptionConfig, cfg.caption, where="data.caption", prefix="data.caption.")
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.seed, self.latent_mode = seed, latent_mode
 
-    def _items(self, consumer: int, n_consumers: int) -> Iterator[tuple[str, Any]]:
+    def _items(self, consumer: int, n_consumers: int, pos: dict[str, int]) -> Iterator[tuple[str, Any]]:
         """Raw events of this consumer in order: ("sample", (epoch, shard, TarSample)),
         ("skip", (epoch, shard, ordinal, reason, where, key, msg)), ("end", (epoch, shard, n)),
-        ("epoch", epoch) when a work item of that epoch starts."""
-        cursor = Cursor.from_state(self.cursor_state["cursor"])
-        dry = 0  # work items in a row without one readable sample
+        ("epoch", epoch) when a work item of that epoch starts.
+
+        The work items are those of the layout's origin cursor dealt round-robin, so the sequence is
+        a pure function of (origin, consumer, n_consumers). `pos` is kept up to date (work item index,
+        samples read in it, readable ones, dry count); a resume passes the saved `pos` and the stream
+        continues after the last sample read, inside that work item."""
+        cursor = Cursor.from_state(self.layout["origin"])
+        start, after = pos["item"], pos["n"]  # resume inside item `start` after its first `after` samples
+        dry = pos["dry"]  # work items in a row without one readable sample
         for i, item in enumerate(cursor.work()):
-            if i % n_consumers != consumer:
+            if i % n_consumers != consumer or i < start:
                 continue
-            url, n, got = self.urls[item.shard], 0, 0
-            yield "epoch", item.epoch
+            url = self.urls[item.shard]
+            resumed = i == start
+            n, got = (after, pos["got"]) if resumed else (0, 0)
+            pos.update(item=i, n=n, got=got)
+            if not resumed:
+                yield "epoch", item.epoch
             for ts in iter_tar(url):
                 if isinstance(ts, Exception):
                     yield "skip", (item.epoch, item.shard, -1, "truncated_tar", url, "", f"after {n} samples: {ts}")
                     break
+                if resumed and ts.index < after:
+                    continue  # read before the checkpoint: what it left behind is restored from the snapshot
                 n += 1
-                if ts.index not in item.skip:
-                    got += 1
+                keep = ts.index not in item.skip
+                got += keep
+                pos.update(n=n, got=got)
+                if keep:
                     yield "sample", (item.epoch, item.shard, ts)
             yield "end", (item.epoch, item.shard, n)
             dry = 0 if got else dry + 1
+            pos["dry"] = dry
             if dry > 2 * len(self.urls) + n_consumers:
                 raise RuntimeError(f"data: no readable sample in {dry} shard reads in a row (shards {self.urls[:3]}...)")
+
+    def _restore(self, snap: dict[str, Any], make: Any) -> tuple[list, list, list]:
+        """Re-read the samples a snapshot holds (shuffle buffer, packer or bucket queues) from their
+        shards: the buffer as raw TarSamples, the rest decoded again (decoding is deterministic per
+        sample). Returns (buffer, pending, queues) in the snapshot's order."""
+        ids = [tuple(x) for x in snap["buffer"]] + [tuple(x) for x in snap.get("pending", [])]
+        for _, q in snap.get("queues", []):
+            ids += [tuple(x) for x in q]
+        need: dict[int, set[int]] = {}
+        for _, shard, ordinal in ids:
+            need.setdefault(shard, set()).add(ordinal)
+        tars: dict[tuple[int, int], TarSample] = {}
+        for shard, ordinals in need.items():
+            for ts in iter_tar(self.urls[shard]):
+                if isinstance(ts, Exception):
+                    break
+                if ts.index in ordinals:
+                    tars[(shard, ts.index)] = ts
+                if ts.index >= max(ordinals):
+                    break
+            lost = sorted(o for o in ordinals if (shard, o) not in tars)
+            if lost:
+                raise RuntimeError(f"data: resuming the shuffle state needs samples {lost[:5]} of shard "
+                                   f"{self.urls[shard]}, which it no longer holds (shard changed since the checkpoint?)")
+
+        def sample(e: int, s: int, o: int) -> Sample:
+            try:
+                return make(e, s, tars[(s, o)])
+            except Exception as err:
+                raise RuntimeError(f"data: sample {o} of shard {self.urls[s]} decoded before the checkpoint "
+                                   f"but fails now ({err}); shard changed since the checkpoint?") from err
+
+        buffer = [(e, s, tars[(s, o)]) for e, s, o in (tuple(x) for x in snap["buffer"])]
+        pending = [sample(*x) for x in snap.get("pending", [])]
+        queues = [(tuple(b), [sample(*x) for x in q]) for b, q in snap.get("queues", [])]
+        return buffer, pending, queues
 
     def __iter__(self) -> Iterator[tuple[Batch, dict[str, Any]]]:
         info = get_worker_info()
         nw, wid = (info.num_workers, info.id) if info else (1, 0)
         if info is not None:
             torch.set_num_threads(1)  # workers decode with PIL; torch threads would oversubscribe cores
-        consumer, n_consumers = self.rank * nw + wid, self.world_size * nw
+        # a resumed DataLoader starts with its worker 0, but the batch the trainer needs next comes from
+        # the worker whose turn it was (DataLoader takes workers round-robin): worker ids are rotated
+        role = (wid + self.layout["role_offset"]) % nw
+        consumer, n_consumers = self.rank * nw + role, self.world_size * nw
         cfg = self.cfg
-        # shuffle order only; a resumed run must not replay the same shuffle: samples_seen enters the seed
-        rng = random.Random(f"{self.seed}/{consumer}/{n_consumers}/{self.cursor_state['cursor']['samples_seen']}")
+        # the shuffle is a pure function of (seed, consumer, layout origin): a resume with the same
+        # layout continues the very same shuffle from its snapshot; a new layout draws a new one
+        rng = random.Random(f"{self.seed}/{consumer}/{n_consumers}/{self.layout['origin']['samples_seen']}")
         buffer: list[tuple[int, int, TarSample]] = []
         events: list[tuple[str, Any]] = []  # skips and shard ends since the last batch
         packer = TokenPacker(cfg.token_budget, self.micro_batch) if cfg.batching == "tokens" else None
         bucketer = BucketBatcher(self.micro_batch) if packer is None else None
         epoch_now = 0
+        pos = {"item": -1, "n": 0, "got": 0, "dry": 0}
+
+        def make(epoch: int, shard: int, ts: TarSample) -> Sample:
+            # augmentation randomness (tag shuffle, dropouts, crop) is a pure function of the sample's
+            # identity, so a resumed run (any world size) builds exactly the captions the first run would
+            sample_rng = random.Random(f"{self.seed}/{epoch}/{shard}/{ts.index}")
+            d = decode_sample(ts, cfg, self.caption_cfg, sample_rng, self.latent_mode)
+            name = self.urls[shard].rsplit("/", 1)[-1]
+            return Sample(epoch, shard, ts.index, f"{name}/{ts.key}", tokens=image_tokens(cfg, d["bucket"]), **d)
+
+        snap = self.layout["consumers"].get(str(consumer))
+        if snap is not None:
+            buffer, pending, queues = self._restore(snap, make)
+            if packer is not None:
+                packer.pending = [(s, s.tokens) for s in pending]
+            else:
+                bucketer.queues = dict(queues)
+            v, internal, gauss = snap["rng"]
+            rng.setstate((v, tuple(internal), gauss))
+            epoch_now = snap["epoch"]
+            pos = dict(snap["pos"])
+
+        def ids(samples: list) -> list[list[int]]:
+            return [[s.epoch, s.shard, s.ordinal] for s in samples]
+
+        def snapshot() -> dict[str, Any]:
+            """Everything this consumer's future depends on, by sample identity (JSON-able)."""
+            v, internal, gauss = rng.getstate()
+            d = {"pos": dict(pos), "epoch": epoch_now, "rng": [v, list(internal), gauss],
+                 "buffer": [[e, s, ts.index] for e, s, ts in buffer]}
+            if packer is not None:
+                d["pending"] = ids([x for x, _ in packer.pending])
+            else:
+                d["queues"] = [[list(b), ids(q)] for b, q in bucketer.queues.items()]
+            return d
 
         def emit(samples: list[Sample]) -> tuple[Batch, dict[str, Any]]:
             book = {
@@ -208,30 +304,28 @@ class ShardStream(IterableDataset):
                 "events": list(events),
                 "tokens": sum(s.tokens for s in samples),
                 "budget": cfg.token_budget if packer is not None else sum(s.tokens for s in samples),
+                "consumer": consumer,
+                "role": role,
+                "snapshot": snapshot(),  # this consumer's state right after this batch
             }
             events.clear()
             return collate(samples), book
 
         def process(epoch: int, shard: int, ts: TarSample) -> list[Sample] | None:
-            where = self.urls[shard]
-            # augmentation randomness (tag shuffle, dropouts, crop) is a pure function of the sample's
-            # identity, so a resumed run (any world size) builds exactly the captions the first run would
-            sample_rng = random.Random(f"{self.seed}/{epoch}/{shard}/{ts.index}")
             try:
-                d = decode_sample(ts, cfg, self.caption_cfg, sample_rng, self.latent_mode)
+                s = make(epoch, shard, ts)
             except Exception as e:
                 reason = e.reason if isinstance(e, SkipSample) else "other_error"
                 msg = str(e) if isinstance(e, SkipSample) else f"{type(e).__name__}: {e}"
+                where = self.urls[shard]
                 log.warning("skipped %s: shard=%s key=%s: %s", reason, where, ts.key, msg)
                 events.append(("skip", (epoch, shard, ts.index, reason, where, ts.key, msg)))
                 return None
-            name = where.rsplit("/", 1)[-1]
-            s = Sample(epoch, shard, ts.index, f"{name}/{ts.key}", tokens=image_tokens(cfg, d["bucket"]), **d)
             if packer is not None:
                 return packer.add(s, s.tokens)
             return bucketer.add(s, s.bucket)
 
-        for kind, payload in self._items(consumer, n_consumers):
+        for kind, payload in self._items(consumer, n_consumers, pos):
             if kind == "epoch":
                 epoch_now = payload
                 if bucketer is not None:
