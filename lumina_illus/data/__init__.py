@@ -9,14 +9,27 @@ Trainer-facing API (lumina_illus/data/loader.py):
     batch = next(it)             # Batch: keys, captions, images (3,H,W) in [-1,1] | latents, sizes, crops
     loader.state_dict()          # global cursor (collective under torch.distributed; same dict on
                                  # every rank): save it with the checkpoint
-    loader.load_state_dict(d)    # before iter(): no sample of the epoch repeated or skipped, also
-                                 # when the world size changed (2 ranks -> 3)
+    loader.load_state_dict(d)    # before iter(); see "Resume guarantees" below
     loader.stats()               # {"epoch", "samples_seen", "samples_per_epoch", "skipped": {reason: n},
                                  #  "packing_efficiency", "tokens_per_batch", "buckets", "recent_skips", ...}
 
 batching "tokens": each micro-batch is packed up to cfg.token_budget image tokens
 ((H/patch_tokens_per_side) * (W/patch_tokens_per_side) per image) and at most micro_batch samples;
 batching "bucket": micro_batch samples of one bucket.
+
+Resume guarantees (the state is a plain JSON-able dict):
+- Same layout (world size, data.num_workers, micro_batch, batching, token_budget, shuffle_buffer and
+  latent mode unchanged, same shards and seed): after load_state_dict, each rank yields exactly the
+  batches the uninterrupted run would have yielded from that point (same samples, order, packing
+  or buckets, captions and crops), for any shuffle_buffer and across epoch boundaries. The state
+  holds, per consumer (rank x worker), a snapshot taken right after its last batch the trainer
+  consumed (position in its work items, shuffle RNG state, the shuffle buffer and packer/bucket
+  queues by sample id) and which worker's turn is next; the resume re-reads only the samples those
+  snapshots hold. Batches a worker had prefetched but the trainer had not taken are produced again.
+- Any other layout (e.g. 2 ranks -> 3): no sample of the epoch is repeated or skipped, the
+  remaining samples are reshuffled, and rank 0 logs that at INFO ("remaining samples are
+  reshuffled ... the world changed"). States without a layout (older ones) resume this way too.
+Captions, tag shuffles and crops are a function of (seed, epoch, shard, sample) in both cases.
 
 Ranks never wait for each other at an epoch end: the stream is endless (epoch e+1 follows e in
 each worker), so every rank always has a next batch and takes exactly the steps the trainer asks.
