@@ -219,12 +219,13 @@ class ShardStream(IterableDataset):
             need.setdefault(shard, set()).add(ordinal)
         tars: dict[tuple[int, int], TarSample] = {}
         for shard, ordinals in need.items():
+            last = max(ordinals)
             for ts in iter_tar(self.urls[shard]):
                 if isinstance(ts, Exception):
                     break
                 if ts.index in ordinals:
                     tars[(shard, ts.index)] = ts
-                if ts.index >= max(ordinals):
+                if ts.index >= last:
                     break
             lost = sorted(o for o in ordinals if (shard, o) not in tars)
             if lost:

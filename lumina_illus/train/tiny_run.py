@@ -28,8 +28,7 @@ def make_tiny_run(folder: Path, images: int = 48) -> Path:
     samples = []
     for i in range(images):
         img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-        # one tag per image and no caption dropout: the data loader draws caption randomness from a
-        # stream that is re-seeded on resume, so only deterministic captions resume exactly
+        # one tag per image (caption randomness, e.g. dropout, is per sample and resumes exactly)
         samples.append({"__key__": f"s{i:03d}", "png": img, "json": {"tags": {"general": [WORDS[i % len(WORDS)]]}}})
     write_shards(samples, folder / "shards", samples_per_shard=8, prefix="t")
     make_tiny_gemma2(folder / "gemma", vocab_corpus=WORDS)
@@ -46,9 +45,10 @@ def make_tiny_run(folder: Path, images: int = 48) -> Path:
         "data": {
             "shards": [str(folder / "shards" / "t-*.tar")], "num_workers": 0, "batching": "bucket",
             "min_area": 64 * 64, "max_area": 64 * 64, "bucket_step": 64, "token_budget": 64,
-            # the loader resumes the same samples in the same order only without in-shard shuffling
-            "shuffle_buffer": 1,
-            "caption": {"caption_dropout": 0.0, "nl_prob": 0.0},
+            # a real shuffle buffer and caption dropout: with the world unchanged the loader resumes
+            # the very batches (order, captions) of the uninterrupted run (lumina_illus/data/__init__.py)
+            "shuffle_buffer": 8,
+            "caption": {"caption_dropout": 0.1, "nl_prob": 0.0},
         },
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "train": {"global_batch": 4, "micro_batch": 1, "grad_accum": 2, "max_steps": 6, "zero_stage": 2,
