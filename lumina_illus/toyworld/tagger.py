@@ -113,22 +113,24 @@ def vae_roundtrip(vae: nn.Module, img: Image.Image) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def vae_noise_image(vae: nn.Module, rng: random.Random) -> Image.Image:
-    """The decode of random latents with the VAE's own per-channel latent statistics (measured once on
-    one render of each character): the texture an untrained generator produces; carries no character."""
+def latent_stats(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std, each (C,), of the VAE's posterior means over one render per character."""
+    ref = [render(random_scene(ch, random.Random(i))).resize((64, 64)) for i, ch in enumerate(CHARACTERS)]
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in ref])  # (12, 64, 64, 3)
+    with torch.no_grad():
+        z = vae.encode(x.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean  # (12, C, 8, 8)
+    return z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+
+
+def vae_noise_image(vae: nn.Module, stats: tuple[torch.Tensor, torch.Tensor], rng: random.Random) -> Image.Image:
+    """The decode of random latents with the VAE's own per-channel statistics (`latent_stats`): the
+    texture an untrained generator produces; carries no character."""
     w, h = rng.choice([(64, 64), (96, 96), (128, 96), (96, 128)])
     g = torch.Generator().manual_seed(rng.randrange(2**31))
-    c = vae.config.latent_channels
-    if not hasattr(vae, "_toy_latent_stats"):  # per-channel mean/std of real latents, measured once
-        ref = [render(random_scene(ch, random.Random(i))) for i, ch in enumerate(CHARACTERS)]
-        x = torch.stack([torch.from_numpy(np.asarray(im.resize((64, 64)), dtype=np.float32)) for im in ref])
-        with torch.no_grad():
-            z = vae.encode(x.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean  # (12, C, 8, 8)
-        vae._toy_latent_stats = (z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)))
-    mu, sd = vae._toy_latent_stats
+    mu, sd = stats
     # smoothness varies: white noise up to blobs 4 latent pixels wide, like early generator outputs
     k = rng.choice([1, 2, 4])
-    z = torch.randn(1, c, -(-h // (8 * k)), -(-w // (8 * k)), generator=g)
+    z = torch.randn(1, mu.numel(), -(-h // (8 * k)), -(-w // (8 * k)), generator=g)
     z = F.interpolate(z, scale_factor=k, mode="bilinear")[..., : h // 8, : w // 8]  # (1, C, h/8, w/8)
     z = z / z.flatten(2).std(2)[..., None, None] * sd[None, :, None, None] + mu[None, :, None, None]
     with torch.no_grad():
@@ -143,12 +145,13 @@ def _dataset(
     """Render scenes (None: a random-blob negative) -> inputs (N, S, S, 3) BGR 0..255, targets (N, T).
     With `vae`, a `vae_fraction` of the images is replaced by its VAE round trip."""
     rng = random.Random(seed)
+    stats = latent_stats(vae) if vae is not None else None
     xs, ys = [], []
     for scene in tqdm(scenes, desc=desc, unit="img", leave=False):
         y = np.zeros(len(index), np.float32)
         y[index[RATING]] = 1.0
-        if scene is None and vae is not None and rng.random() < 0.5:
-            img = vae_noise_image(vae, rng)
+        if scene is None and vae is not None and stats is not None and rng.random() < 0.5:
+            img = vae_noise_image(vae, stats, rng)
         elif scene is None:
             img = blob_image(rng)
         else:
