@@ -62,6 +62,11 @@ def test_registered_and_config_validation(paths):
     arch = cfg.model.nextdit()
     assert arch.n_layers == 3 and arch.dim == 96  # preset defaults + override
     assert Lumina2Config().nextdit().dim == 2304  # default: the published 2B model
+    # an override is validated together with the preset's other fields, not the 2B defaults
+    wide = _cfg(paths, arch={"preset": "tiny", "dim": 128, "axes_dims": [8, 12, 12]}).model.nextdit()
+    assert (wide.dim, wide.n_heads, wide.axes_dims) == (128, 4, (8, 12, 12))
+    with pytest.raises(ConfigError, match=r"test\.yaml.*axes_dims.*head_dim 32"):
+        _cfg(paths, arch={"preset": "tiny", "dim": 128})
     with pytest.raises(ConfigError, match=r"test\.yaml.*model\.arch\.n_layer"):
         _cfg(paths, arch={"n_layer": 3})
     with pytest.raises(ConfigError, match=r"test\.yaml.*arch\.preset.*'huge'"):

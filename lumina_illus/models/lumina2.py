@@ -62,12 +62,13 @@ class Lumina2Config:
         preset = fields.pop("preset", None)
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"arch.preset: {preset!r} is not one of {sorted(PRESETS)}")
+        if preset is not None:
+            # overrides are checked together with the preset's other fields (dim=128 on "tiny" keeps its heads)
+            fields = {**dataclasses.asdict(PRESETS[preset]()), **fields}
         try:
-            overrides = from_dict(NextDiTConfig, fields, where="model.arch", prefix="model.arch.")
+            return from_dict(NextDiTConfig, fields, where="model.arch", prefix="model.arch.")
         except ConfigError as e:
             raise ValueError(str(e)) from None
-        given = {k: getattr(overrides, k) for k in fields}
-        return PRESETS[preset](**given) if preset else overrides
 
 
 class Lumina2TrainingModule(nn.Module):
