@@ -22,7 +22,10 @@ def curve_point(info: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str,
 
 def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str | Path,
                 title: str = "character recall vs image samples seen") -> Path:
-    """One line per run (x = samples seen, y = recall, band = 95% Wilson interval); returns the path."""
+    """One line per run (x = samples seen, y = recall, band = 95% Wilson interval), plus a dashed line in
+    the same colour for the run's most frequent characters (its last training-images bucket): overall
+    recall is dominated by the long tail, the frequent characters show first whether learning works.
+    Returns the path."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)  # 800 x 500 px
     for label, pts in curves.items():
@@ -30,8 +33,12 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str 
         if not pts:
             continue
         x = [p["samples_seen"] for p in pts]
-        ax.plot(x, [p["recall"] for p in pts], marker="o", label=label)
+        (line,) = ax.plot(x, [p["recall"] for p in pts], marker="o", label=label)
         ax.fill_between(x, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], alpha=0.2)
+        top = list(pts[-1].get("per_bucket") or {})[-1:]  # buckets are ordered by training images
+        if top and all(top[0] in (p.get("per_bucket") or {}) for p in pts):
+            ax.plot(x, [p["per_bucket"][top[0]] for p in pts], linestyle="--", marker=".", color=line.get_color(),
+                    label=f"{label}: characters with {top[0]} training images")
     ax.set_xlabel("image samples seen")
     ax.set_ylabel("character recall")
     ax.set_ylim(0, 1)
