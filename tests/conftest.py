@@ -1,9 +1,20 @@
-"""Shared test setup: deterministic CPU runs, no network, W&B offline."""
+"""Shared test setup: deterministic CPU runs, no network, W&B offline; fixtures used by several files."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random SDXL diffusers folder (UNet, both CLIPs, VAE, tokenizers, scheduler), built once and
+    only read by the tests that use it."""
+    from lumina_illus.models.tiny_sdxl import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)

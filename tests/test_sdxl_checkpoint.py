@@ -9,14 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from lumina_illus.models import sdxl_checkpoint as ck
 from lumina_illus.models.sdxl import load_components
-from lumina_illus.models.tiny_sdxl import make_tiny_sdxl
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
 
 
 @pytest.fixture(scope="module")

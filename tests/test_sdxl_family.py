@@ -18,14 +18,8 @@ from lumina_illus.models.sdxl import (
     load_components,
     time_ids,
 )
-from lumina_illus.models.tiny_sdxl import make_tiny_sdxl
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
 
 
 @pytest.fixture(scope="module")

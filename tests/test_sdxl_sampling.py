@@ -6,7 +6,6 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
 from lumina_illus.models.sdxl import FAMILY, SDXLConfig
-from lumina_illus.models.tiny_sdxl import make_tiny_sdxl
 from lumina_illus.objectives.diffusion import DiffusionConfig, NoiseSchedule
 from lumina_illus.sampling.diffusion import (
     DiffusionSampler,
@@ -16,11 +15,6 @@ from lumina_illus.sampling.diffusion import (
 )
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
 
 
 @pytest.fixture(scope="module")
