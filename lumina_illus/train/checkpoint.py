@@ -15,6 +15,19 @@
 A folder is written under `.tmp_step_X` by all ranks and renamed by rank 0 only once complete, then
 `latest` is replaced atomically, so a run killed at any moment leaves either the previous or the new
 checkpoint, never half of one.
+
+Resuming on another number of ranks (`trainer_state.json` world size != this run's): ZeRO optimizer
+partitions cannot be re-cut by DeepSpeed's ordinary load, so before the engine is built
+(`prepare_resume`) rank 0 converts `ds/state` once into DeepSpeed's universal checkpoint format with
+`python -m deepspeed.checkpoint.ds_to_universal`, written under `ds/.tmp_universal/` and renamed to
+`ds/state_universal/` only when complete (a later resume on another world size reuses it; a crash
+mid-conversion leaves only the tmp folder, removed by the next attempt); the other ranks wait. The
+engine is then built with `checkpoint.load_universal` and loads that tag: fp32 master weights and
+Adam moments re-partitioned for the new world (ZeRO 1, 2 and 3), the module weights taken from them.
+Step, samples seen, skip counters and the global data cursor carry over, EMA shards are re-sliced
+(ShardedEMA.load), RNG streams are re-seeded. The batch arithmetic must still add up with the new
+world size (`train.grad_accum` / `train.micro_batch` via --override; checked first, with the numbers
+to use). With the same world size nothing is converted and `ds/state` loads as before.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +52,7 @@ from lumina_illus.train.ema import ShardedEMA
 from lumina_illus.train.rng import rng_state, set_rng_state
 
 DS_TAG = "state"  # DeepSpeed's tag folder inside ds/
+UNIVERSAL_TAG = "state_universal"  # DS_TAG converted to DeepSpeed's universal format (world size changes)
 
 
 @dataclass
@@ -202,6 +218,56 @@ class Checkpointer:
             )
         return path
 
+    def prepare_resume(self, path: Path) -> bool:
+        """Collective, before the engine is built. True when `path` was saved by another world size:
+        then `ds/state_universal` exists (converted here by rank 0 if needed) and the engine must be
+        built with DeepSpeed's `checkpoint.load_universal` (build_engine(load_universal=True))."""
+        ds_dir = path / "ds"
+        saved_world = json.loads((ds_dir / "trainer_state.json").read_text())["world_size"]
+        if saved_world == self.world:
+            return False
+        error = None
+        if self.rank == 0:
+            try:
+                self._convert_to_universal(ds_dir, saved_world)
+            except Exception as e:  # every rank raises it, none waits forever at a barrier
+                error = f"{type(e).__name__}: {e}"
+        msg = [error]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] is not None:
+            raise RuntimeError(
+                f"{path}: saved by {saved_world} ranks, this run has {self.world}; converting {ds_dir / DS_TAG} "
+                f"to DeepSpeed's universal checkpoint failed: {msg[0]}. Resume with {saved_world} ranks, or start "
+                f"a new run from the exported weights (model.pretrained={path}, checkpoint.resume=none)."
+            )
+        return True
+
+    def _convert_to_universal(self, ds_dir: Path, saved_world: int) -> None:
+        """Rank 0: ds/state -> ds/state_universal with DeepSpeed's converter, once, atomically."""
+        final = ds_dir / UNIVERSAL_TAG
+        if final.is_dir():
+            print(f"[resume] world size {saved_world} -> {self.world}: reusing {final}", flush=True)
+            return
+        tmp_root = ds_dir / ".tmp_universal"  # the converter also writes `latest_universal` beside its output
+        shutil.rmtree(tmp_root, ignore_errors=True)  # left by a conversion that was killed
+        tmp_root.mkdir()
+        out = tmp_root / UNIVERSAL_TAG
+        print(f"[resume] world size {saved_world} -> {self.world}: converting {ds_dir / DS_TAG} to DeepSpeed's "
+              f"universal checkpoint {final}", flush=True)
+        t0 = time.monotonic()
+        # --inject_missing_state: our states carry no `universal_checkpoint_info` (a Megatron-style
+        # tensor/pipeline-parallel description); plain data parallelism needs only its version
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(ds_dir / DS_TAG), "--output_folder", str(out), "--inject_missing_state"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0 or not (out / "zero" / "optimizer_state.pt").is_file():
+                raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}")
+            os.replace(out, final)
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+        print(f"[resume] converted in {time.monotonic() - t0:.1f}s", flush=True)
+
     def load(
         self,
         path: Path,
@@ -210,28 +276,30 @@ class Checkpointer:
         loader: Any,
         generators: dict[str, torch.Generator],
     ) -> TrainState:
-        """Collective: restore engine, EMA, data cursor and RNG of this rank from `path`."""
+        """Collective: restore engine, EMA, data cursor and RNG of this rank from `path`. With another
+        world size than the saved one, `prepare_resume` must have returned True before the engine
+        was built."""
         ds_dir = path / "ds"
         saved = json.loads((ds_dir / "trainer_state.json").read_text())
         saved_world = saved["world_size"]
-        universal = bool(self.cfg.train.deepspeed.get("checkpoint", {}).get("load_universal"))
-        if saved_world != self.world and not universal:
-            # DeepSpeed cannot re-partition ZeRO optimizer state by itself; say what works instead
+        universal = saved_world != self.world
+        if universal != bool(engine.load_universal_checkpoint()):
             raise RuntimeError(
-                f"{path}: saved by {saved_world} ranks, this run has {self.world}. Resume with {saved_world} "
-                f"ranks; or convert {ds_dir / DS_TAG} with DeepSpeed's ds_to_universal.py and set "
-                f"train.deepspeed.checkpoint.load_universal=true; or start a new run from the exported "
-                f"weights (model.pretrained={path}, checkpoint.resume=none)."
+                f"{path}: saved by {saved_world} ranks, this run has {self.world}, but the engine was built with "
+                f"checkpoint.load_universal={engine.load_universal_checkpoint()}: call Checkpointer.prepare_resume "
+                f"before build_engine and pass its answer as load_universal"
             )
-        loaded, _ = engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_lr_scheduler_states=False)
+        tag = UNIVERSAL_TAG if universal else DS_TAG
+        loaded, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_lr_scheduler_states=False)
         if loaded is None:
-            raise FileNotFoundError(f"{ds_dir}: DeepSpeed could not load tag {DS_TAG!r}")
+            raise FileNotFoundError(f"{ds_dir}: DeepSpeed could not load tag {tag!r}")
         state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
         loader.load_state_dict(saved["data"])  # the global cursor survives a change of world size
         if saved_world == self.world:
             set_rng_state(json.loads((ds_dir / f"rank_{self.rank:05d}.json").read_text())["rng"], generators)
         elif self.rank == 0:
-            print(f"[resume] world size {saved_world} -> {self.world}: data cursor and EMA re-sliced, RNG re-seeded")
+            print(f"[resume] world size {saved_world} -> {self.world}: optimizer state loaded from {ds_dir / tag}, "
+                  "data cursor and EMA re-sliced, RNG re-seeded", flush=True)
         if ema is not None:
             ema.load(ds_dir, saved_world)  # EMA shards re-slice for a new world size
         return state

@@ -114,11 +114,15 @@ def build_optimizer(cfg: RunConfig, parts: TrainingParts, device: torch.device) 
     )
 
 
-def build_engine(cfg: RunConfig, parts: TrainingParts, env: DistEnv) -> deepspeed.DeepSpeedEngine:
-    """Wrap the family's training module in a DeepSpeed engine with our optimizer."""
+def build_engine(cfg: RunConfig, parts: TrainingParts, env: DistEnv, *,
+                 load_universal: bool = False) -> deepspeed.DeepSpeedEngine:
+    """Wrap the family's training module in a DeepSpeed engine with our optimizer. `load_universal`
+    (Checkpointer.prepare_resume's answer: resuming on another world size) sets DeepSpeed's
+    `checkpoint.load_universal`, read once at engine init; the trainer owns this key."""
     optimizer = build_optimizer(cfg, parts, env.device)
+    ds = _merge(deepspeed_config(cfg), {"checkpoint": {"load_universal": load_universal}})
     engine, _, _, _ = deepspeed.initialize(
-        model=parts.module, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False
+        model=parts.module, optimizer=optimizer, config=ds, dist_init_required=False
     )
     return engine
 

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import deepspeed
 import torch
 
 from lumina_illus.config import RunConfig, save_config
 from lumina_illus.data.batch import Batch
 from lumina_illus.data.loader import build_loader
 from lumina_illus.evaluation import metrics as M
-from lumina_illus.families import get_family
+from lumina_illus.families import TrainingParts, get_family
 from lumina_illus.train import hooks
 from lumina_illus.train.batching import check_batch_arithmetic
 from lumina_illus.train.checkpoint import Checkpointer, TrainState
 from lumina_illus.train.ema import ShardedEMA
-from lumina_illus.train.engine import build_engine, init_distributed, set_lr
+from lumina_illus.train.engine import DistEnv, build_engine, init_distributed, set_lr
 from lumina_illus.train.rng import seed_everything
 from lumina_illus.train.schedule import lr_factor
 from lumina_illus.train.signals import StopFlag
@@ -48,30 +52,60 @@ def _timed_next(batches: Iterator[Batch], stats: StepStats) -> Batch:
     return batch
 
 
-def train(cfg: RunConfig) -> TrainState:
-    """Run (or resume) the training described by `cfg`; returns the final train state."""
+@dataclass
+class Built:
+    """Everything a run is made of, built and (when resuming) restored by `build_run`."""
+
+    env: DistEnv
+    parts: TrainingParts
+    engine: deepspeed.DeepSpeedEngine
+    loader: Any
+    ema: ShardedEMA | None
+    generators: dict[str, torch.Generator]
+    ckpt: Checkpointer
+    state: TrainState
+    resume: Path | None
+    universal: bool  # resumed from a state saved by another world size (DeepSpeed universal load)
+    git: dict[str, Any]
+
+
+def build_run(cfg: RunConfig) -> Built:
+    """Collective: join the process group, build model, engine, loader and EMA, and restore the resume
+    state named by `checkpoint.resume`, if any."""
     env = init_distributed()
     check_batch_arithmetic(cfg, env.world_size)
     seed_everything(cfg.run.seed + env.rank)
     parts = get_family(cfg.family).build_training(cfg, env.device)
-    engine = build_engine(cfg, parts, env)
+    git = git_revision()
+    ckpt = Checkpointer(cfg, env.rank, env.world_size, git)
+    resume = ckpt.resume_path()
+    # saved by another world size: converted to DeepSpeed's universal format, which the engine must
+    # know at init (collective)
+    universal = resume is not None and ckpt.prepare_resume(resume)
+    engine = build_engine(cfg, parts, env, load_universal=universal)
     loader = build_loader(cfg.data, micro_batch=cfg.train.micro_batch, rank=env.rank,
                           world_size=env.world_size, seed=cfg.run.seed)
     ema = ShardedEMA(engine.module, cfg.ema, env.rank, env.world_size) if cfg.ema.enabled else None
     # the t and noise draws of `prepare`: one stream per rank, saved in checkpoints
     gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank)
     generators = {"prepare": gen}
-    git = git_revision()
-    ckpt = Checkpointer(cfg, env.rank, env.world_size, git)
     state = TrainState()
-    resume = ckpt.resume_path()
     if resume is not None:
         state = ckpt.load(resume, engine, ema, loader, generators)
+    return Built(env, parts, engine, loader, ema, generators, ckpt, state, resume, universal, git)
+
+
+def train(cfg: RunConfig) -> TrainState:
+    """Run (or resume) the training described by `cfg`; returns the final train state."""
+    b = build_run(cfg)
+    env, parts, engine, loader, ema, generators, ckpt, state = (
+        b.env, b.parts, b.engine, b.loader, b.ema, b.generators, b.ckpt, b.state)
+    gen, git, resume = generators["prepare"], b.git, b.resume
     if env.rank == 0:
         save_config(cfg, cfg.run_dir / "config.yaml")
     tel = Telemetry(cfg, env.rank, state.step, git)
     if resume is not None:
-        tel.event(state.step, "resumed", path=str(resume), samples_seen=state.samples_seen)
+        tel.event(state.step, "resumed", path=str(resume), samples_seen=state.samples_seen, universal=b.universal)
     stop = StopFlag()
     peak = peak_flops(cfg, env.device)
     batches = iter(loader)
