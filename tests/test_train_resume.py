@@ -29,13 +29,21 @@ def launch(cfg: Path, *overrides: str, ranks: int = 2, script: str = "launch/tra
     from lumina_illus.train.engine import _free_port
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    port = _free_port()
     if launcher is None:
-        launcher = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port())]
+        launcher = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)]
     args = [*launcher, script, str(cfg)]
     if overrides:
         args += ["--override", *overrides]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    proc.master_port = port  # type: ignore[attr-defined]
+    return proc
+
+
+def shm_segments(proc: subprocess.Popen) -> list[Path]:
+    """DeepSpeed CPU allreduce segments left in /dev/shm by the run `proc` (named by its master port)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
@@ -92,6 +100,9 @@ def test_sigkill_and_resume_reproduces_losses_and_data(world, zero):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run_dir / "ckpt" / "latest").read_text() == "step_0000003"
+    # the 66 MB shared-memory allreduce segments are unlinked right after start-up: none survive a
+    # finished run or a SIGKILLed one (DeepSpeed alone leaks them into RAM-backed /dev/shm)
+    assert shm_segments(ref) == [] and shm_segments(proc) == []
     resumed = launch(world, f"run.name={name}_kill", *common)
     out = finish(resumed)
     assert resumed.returncode == 0, out[-3000:]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -50,6 +51,8 @@ def init_distributed() -> DistEnv:
     acc = get_accelerator()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+    if acc.device_name() == "cpu":
+        release_shm_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
@@ -57,6 +60,24 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device(acc.device_name())
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU backend creates per rank for its shared-memory allreduce
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp: deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's shared-memory allreduce segment once every rank has mapped all of them.
+
+    DeepSpeed never unlinks these 66 MB segments, so each CPU run (every test, every toy run) left
+    132 MB per 2 ranks in /dev/shm (RAM) until the machine ran out of memory. Every rank maps all
+    peers' segments inside init_distributed, so after a barrier the names can go: the mappings stay
+    valid until the processes exit, and a killed run leaves nothing behind."""
+    dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
