@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 from torch import nn
 
 from lumina_illus.config import EMAConfig
@@ -108,10 +108,6 @@ def _zero3_worker(rank: int, world: int, port: int, result: dict) -> None:
 
 @pytest.mark.slow
 def test_ema_under_zero3_matches_ema_of_gathered_weights():
-    from lumina_illus.train.engine import _free_port
-
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_zero3_worker, args=(2, _free_port(), result), nprocs=2, join=True)
-        assert result["moved"] > 1e-4  # EMA lags the weights: the test is not comparing a copy
-        assert result["max_err"] < 1e-6
+    result = spawn_ranks(_zero3_worker, world=2)
+    assert result["moved"] > 1e-4  # EMA lags the weights: the test is not comparing a copy
+    assert result["max_err"] < 1e-6

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 
 from lumina_illus.evaluation import metrics as M
 from lumina_illus.train.telemetry import StepStats, gather_stats, image_grid, step_metrics
@@ -61,12 +61,7 @@ def _gather_worker(rank: int, world: int, port: int, result: dict) -> None:
 
 @pytest.mark.slow
 def test_gather_sums_spread_and_flags_over_two_ranks():
-    from lumina_illus.train.engine import _free_port
-
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_gather_worker, args=(2, _free_port(), result), nprocs=2, join=True)
-        g = dict(result)
+    g = spawn_ranks(_gather_worker, world=2)
     assert g["samples"] == 7 and g["tokens"] == 20 and g["flops"] == 2e9
     assert g["step_time_max"] == 2.0 and g["step_time_spread"] == pytest.approx((2.0 - 1.0) / 1.5)
     assert g["data_wait_frac"] == pytest.approx((0.5 / 1 + 0.5 / 2) / 2)
