@@ -14,30 +14,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 from test_train_resume import _wait_for_step, finish, launch, read_log  # the trainer's 2-rank harness
 
 from lumina_illus.evaluation.color import failure_flags, folder_stats
 from lumina_illus.families import get_family
 from lumina_illus.models.tiny_sdxl import make_tiny_sdxl
+from lumina_illus.train.tiny_run import write_random_shards
 
 STEPS = 6
 
 
 def make_sdxl_world(folder: Path) -> Path:
     """Tiny SDXL + 48 random 64x64 images in 6 shards + a run config; returns the config path."""
-    from lumina_illus.data.shards import write_shards
-
-    rng = np.random.default_rng(0)
-    words = ["red", "blue", "girl", "boy", "hat", "sky", "tree", "cat"]
-    samples = []
-    for i in range(48):
-        img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-        # one tag per image and no caption dropout: the loader draws caption randomness from a stream
-        # re-seeded on resume (data/stream.py), so only deterministic captions resume exactly
-        samples.append({"__key__": f"s{i:03d}", "png": img, "json": {"tags": {"general": [words[i % len(words)]]}}})
-    write_shards(samples, folder / "shards", samples_per_shard=8, prefix="t")
+    shards = write_random_shards(folder / "shards", 48)
     make_tiny_sdxl(folder / "sdxl", seed=0)
     cfg = {
         "family": "sdxl",
@@ -48,7 +38,7 @@ def make_sdxl_world(folder: Path) -> Path:
             "sampler": {"sampler": "euler", "spacing": "trailing", "steps": 8, "guidance": 4.0, "guidance_rescale": 0.7},
         },
         "data": {
-            "shards": [str(folder / "shards" / "t-*.tar")], "num_workers": 0, "batching": "bucket",
+            "shards": [shards], "num_workers": 0, "batching": "bucket",
             "min_area": 64 * 64, "max_area": 64 * 64, "bucket_step": 64,
             "shuffle_buffer": 1,  # same samples in the same order after a resume
             "caption": {"caption_dropout": 0.0, "nl_prob": 0.0},

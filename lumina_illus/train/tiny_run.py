@@ -15,22 +15,29 @@ from PIL import Image
 WORDS = ["red", "blue", "girl", "boy", "hat", "sky", "tree", "cat"]
 
 
-def make_tiny_run(folder: Path, images: int = 48) -> Path:
-    """Write shards, components and `run.yaml` into `folder` (once); returns the config path."""
+def write_random_shards(folder: Path, images: int = 48) -> str:
+    """`images` random 64x64 images, one WORDS tag each, 8 per shard in `folder`; returns the shard glob."""
     from lumina_illus.data.shards import write_shards
-    from lumina_illus.models.tiny import make_tiny_flux_vae, make_tiny_gemma2
 
-    folder = Path(folder)
-    cfg_path = folder / "run.yaml"
-    if cfg_path.is_file():
-        return cfg_path
     rng = np.random.default_rng(0)
     samples = []
     for i in range(images):
         img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
         # one tag per image (caption randomness, e.g. dropout, is per sample and resumes exactly)
         samples.append({"__key__": f"s{i:03d}", "png": img, "json": {"tags": {"general": [WORDS[i % len(WORDS)]]}}})
-    write_shards(samples, folder / "shards", samples_per_shard=8, prefix="t")
+    write_shards(samples, folder, samples_per_shard=8, prefix="t")
+    return str(Path(folder) / "t-*.tar")
+
+
+def make_tiny_run(folder: Path, images: int = 48) -> Path:
+    """Write shards, components and `run.yaml` into `folder` (once); returns the config path."""
+    from lumina_illus.models.tiny import make_tiny_flux_vae, make_tiny_gemma2
+
+    folder = Path(folder)
+    cfg_path = folder / "run.yaml"
+    if cfg_path.is_file():
+        return cfg_path
+    shards = write_random_shards(folder / "shards", images)
     make_tiny_gemma2(folder / "gemma", vocab_corpus=WORDS)
     make_tiny_flux_vae(folder / "vae", channels=(8, 8, 8, 8))
     cfg = {
@@ -43,7 +50,7 @@ def make_tiny_run(folder: Path, images: int = 48) -> Path:
             "sampler": {"steps": 2},
         },
         "data": {
-            "shards": [str(folder / "shards" / "t-*.tar")], "num_workers": 0, "batching": "bucket",
+            "shards": [shards], "num_workers": 0, "batching": "bucket",
             "min_area": 64 * 64, "max_area": 64 * 64, "bucket_step": 64, "token_budget": 64,
             # a real shuffle buffer and caption dropout: with the world unchanged the loader resumes
             # the very batches (order, captions) of the uninterrupted run (lumina_illus/data/__init__.py)
