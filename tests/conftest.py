@@ -18,3 +18,12 @@ def tiny(tmp_path_factory):
     from lumina_illus.models.tiny_sdxl import make_tiny_sdxl
 
     return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny Lumina training world (lumina_illus.train.tiny_run): shards, tiny Gemma-2 and VAE and
+    its run.yaml, one per test module; returns the config path."""
+    from lumina_illus.train.tiny_run import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("trainworld"))

@@ -18,8 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lumina_illus.train.tiny_run import make_tiny_run
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,11 +60,6 @@ def read_log(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
         else:
             steps.setdefault(r["step"], {}).update(r)
     return steps, events
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("trainworld"))
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:

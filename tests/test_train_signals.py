@@ -26,13 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_eval_toys import build_toy_tagger  # noqa: E402
 from test_train_resume import ROOT, _wait_for_step, finish, launch, read_log  # noqa: E402
 
-from lumina_illus.train.tiny_run import make_tiny_run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("trainworld"))
-
 
 @pytest.mark.slow
 def test_sigterm_finishes_step_checkpoints_and_exits_zero(world):

@@ -25,13 +25,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train_resume import finish, launch, read_log
 
-from lumina_illus.train.tiny_run import make_tiny_run
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("trainworld"))
-
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     """Names whose tensors differ (or exist on one side only)."""
