@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lumina_illus.config import check
 from lumina_illus.objectives.diffusion import NoiseSchedule
+from lumina_illus.sampling.flow import to_pil
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -208,8 +209,4 @@ class SDXLGenerator:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:
-        from PIL import Image
-
-        img = self.codec.decode([latents])[0]  # (3, H, W) in [-1, 1]
-        arr = ((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(arr)
+        return to_pil(self.codec.decode([latents])[0])  # (3, H, W) in [-1, 1]

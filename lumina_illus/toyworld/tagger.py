@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lumina_illus.evaluation.tagger import wd_preprocess
+from lumina_illus.sampling.flow import to_pil
 from lumina_illus.toyworld.render import Scene, render
 from lumina_illus.toyworld.spec import (
     CATEGORY_CHARACTER,
@@ -108,9 +109,7 @@ def vae_roundtrip(vae: nn.Module, img: Image.Image) -> Image.Image:
     """The image after VAE encode (posterior mean) and decode: what any generated image looks like."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1  # (1, 3, H, W)
     with torch.no_grad():
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]  # (3, H, W)
-    arr = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (H, W, 3)
-    return Image.fromarray(arr)
+        return to_pil(vae.decode(vae.encode(x).latent_dist.mean).sample[0])
 
 
 def latent_stats(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +133,7 @@ def vae_noise_image(vae: nn.Module, stats: tuple[torch.Tensor, torch.Tensor], rn
     z = F.interpolate(z, scale_factor=k, mode="bilinear")[..., : h // 8, : w // 8]  # (1, C, h/8, w/8)
     z = z / z.flatten(2).std(2)[..., None, None] * sd[None, :, None, None] + mu[None, :, None, None]
     with torch.no_grad():
-        y = vae.decode(z).sample[0]  # (3, H, W)
-    return Image.fromarray(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        return to_pil(vae.decode(z).sample[0])
 
 
 def _dataset(
