@@ -68,6 +68,29 @@ def test_wd_preprocess_pixel_by_pixel():
     np.testing.assert_array_equal(out, resized[:, :, ::-1])
 
 
+def test_wd_preprocess_composites_partial_alpha_onto_white():
+    # SmilingWolf's wd-tagger Space (app.py, Predictor.prepare_image) and wdv3_timm.py (pil_ensure_rgb)
+    # paste the image over an opaque white canvas with PIL's alpha_composite: the "over" operator,
+    # out = a * colour + (1 - a) * 255 with a = alpha / 255. Written out here in floats, independently
+    # of PIL, for every alpha value 0..255 against colours spanning 0..255.
+    c, alpha = np.meshgrid(np.arange(256), np.arange(256))  # (256, 256) each: columns colour, rows alpha
+    rgba = np.stack([c, 255 - c, (7 * c) % 256, alpha], -1).astype(np.uint8)  # (256, 256, 4)
+    a = rgba[..., 3:] / 255.0  # (256, 256, 1)
+    over_white = rgba[..., :3] * a + 255.0 * (1 - a)  # (256, 256, 3) RGB
+    out = wd_preprocess(Image.fromarray(rgba, "RGBA"), 256)
+    np.testing.assert_allclose(out[:, :, ::-1], over_white, rtol=0, atol=1)  # PIL composites in integers
+    # grey + alpha, tall: composited, then centred on the white square and resized like any image
+    la = np.stack([c[:100, ::4], alpha[:100, ::4]], -1).astype(np.uint8)  # (100, 64, 2): tall
+    grey = la[..., :1] * (la[..., 1:] / 255.0) + 255.0 * (1 - la[..., 1:] / 255.0)  # (100, 64, 1)
+    square = np.full((100, 100, 3), 255.0)
+    square[:, 18:82] = grey  # (100 - 64) // 2 = 18 white columns on the left
+    out = wd_preprocess(Image.fromarray(la, "LA"), 100)
+    np.testing.assert_allclose(out, square, rtol=0, atol=1)
+    resized = Image.fromarray(np.round(square).astype(np.uint8)).resize((48, 48), Image.BICUBIC)
+    np.testing.assert_allclose(wd_preprocess(Image.fromarray(la, "LA"), 48), np.asarray(resized, np.float32),
+                               rtol=0, atol=1)
+
+
 def test_wd_preprocess_tall_image_pads_left_right_and_flips_channels():
     img = Image.new("RGB", (5, 8), (200, 10, 0))  # tall red: pad 3 columns -> left 1, right 2
     out = wd_preprocess(img, 8)
