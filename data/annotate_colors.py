@@ -1,4 +1,4 @@
-"""python data/annotate_colors.py DATA_DIR [--workers 8] [--edges DATA_DIR/color_quartiles.json]
+"""python data/annotate_colors.py DATA_DIR [--workers 8] [--edges DATA_DIR/color_quartiles.json] [--strict]
 
 Colour statistics and control tokens for a folder of images with sidecar `.json` files (the input
 of data/make_shards.py). Two passes, both resumable and multi-process with a progress bar:
@@ -13,7 +13,11 @@ of data/make_shards.py). Two passes, both resumable and multi-process with a pro
    the tokens the caption builder inserts.
 
 An interrupted run restarts where it stopped: pass 1 skips images that have statistics, pass 2
-rewrites only jsons whose tokens change. Unreadable images are reported and left without tokens.
+rewrites only jsons whose tokens change. No bad file stops the run: an image that cannot be read or
+decoded, a json sidecar that is unreadable or has a field of the wrong type (lumina_illus/data/
+sources.py) is refused with its path and reason and left as it is, and every other image still gets
+its tokens. The refusals are printed as a table by reason and written to DATA_DIR/color_refused.json;
+exit status 1 when no image has tokens, or with --strict when any file was refused.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import sys
 from multiprocessing import Pool
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -38,26 +41,23 @@ from lumina_illus.data.control import (  # noqa: E402
     is_colorful,
     quartile_edges,
 )
-from lumina_illus.data.decode import DecodeError, load_rgb, open_image  # noqa: E402
-from lumina_illus.data.shards import IMAGE_EXTS  # noqa: E402
+from lumina_illus.data.decode import DecodeError, load_rgb  # noqa: E402
+from lumina_illus.data.sources import (  # noqa: E402
+    Refusals,
+    Refused,
+    has_color_stats,
+    open_source,
+    read_json_sidecar,
+    scan_folder,
+)
 
 EDGES_FILE = "color_quartiles.json"
-
-
-def find_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower()[1:] in IMAGE_EXTS)
+REFUSED_FILE = "color_refused.json"
 
 
 def read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        d = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: unreadable json: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: json is not an object")
-    return d
+    """The image's json sidecar ({} when there is none); raises Refused."""
+    return read_json_sidecar(path) if path.is_file() else {}
 
 
 def write_json(path: Path, d: dict) -> None:
@@ -66,36 +66,42 @@ def write_json(path: Path, d: dict) -> None:
     os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written json
 
 
-def stats_job(image: Path) -> tuple[str, str | None]:
-    """Pass 1 for one image; returns (path, error or None)."""
+def stats_job(image: Path) -> tuple[str, Refused | None]:
+    """Pass 1 for one image; returns (path, the refusal or None)."""
     jpath = image.with_suffix(".json")
     try:
         meta = read_json(jpath)
-        if isinstance(meta.get("color"), dict) and all(m in meta["color"] for m in METRICS):
+        if has_color_stats(meta, METRICS):
             return str(image), None
-        img, _, _ = open_image(image.read_bytes())
-        stats = color_stats(load_rgb(img))
-    except (ValueError, DecodeError, OSError) as e:
-        return str(image), str(e)
+        img, _, _, _ = open_source(image)
+        try:
+            stats = color_stats(load_rgb(img))
+        except DecodeError as e:
+            raise Refused(e.reason, str(e), image) from None
+    except Refused as e:
+        return str(image), e
     meta["color"] = stats
     meta["colorful"] = is_colorful(stats)
     write_json(jpath, meta)
     return str(image), None
 
 
-def levels_job(args: tuple[Path, dict]) -> bool:
-    """Pass 2 for one image; True when its json changed."""
+def levels_job(args: tuple[Path, dict]) -> tuple[str, bool, Refused | None]:
+    """Pass 2 for one image: (path, whether its json changed, the refusal or None)."""
     image, edges = args
     jpath = image.with_suffix(".json")
-    meta = read_json(jpath)
-    if not isinstance(meta.get("color"), dict):
-        return False
+    try:
+        meta = read_json(jpath)  # checked in pass 1; read again, it may have changed since
+    except Refused as e:
+        return str(image), False, e
+    if not has_color_stats(meta, METRICS):
+        return str(image), False, None
     tokens = control_tokens(meta["color"], edges)
     if meta.get("control") == tokens:
-        return False
+        return str(image), False, None
     meta["control"] = tokens
     write_json(jpath, meta)
-    return True
+    return str(image), True, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,22 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     ap.add_argument("--edges", type=Path, default=None,
                     help=f"quartiles json to reuse instead of computing them (default: written to DATA_DIR/{EDGES_FILE})")
+    ap.add_argument("--strict", action="store_true", help="exit with status 1 when any file was refused")
     args = ap.parse_args(argv)
     if not args.data_dir.is_dir():
         ap.error(f"{args.data_dir}: not a directory")
-    images = find_images(args.data_dir)
+    images = scan_folder(args.data_dir).images
     if not images:
-        ap.error(f"{args.data_dir}: no images ({', '.join(IMAGE_EXTS)})")
-    Image.MAX_IMAGE_PIXELS = None  # large illustrations are legitimate here; statistics run on a thumbnail
+        ap.error(f"{args.data_dir}: no images")
 
-    errors = []
+    refusals = Refusals()
+    refused: set[str] = set()
     with Pool(args.workers) as pool:
         for path, err in tqdm(pool.imap_unordered(stats_job, images, chunksize=16), total=len(images),
                               desc="color statistics"):
-            if err:
-                errors.append((path, err))
-    for path, err in errors:
-        print(f"skipped {path}: {err}", file=sys.stderr)
+            if err is not None:
+                refusals.add_error(err, sample=path)
+                refused.add(path)
+    good = [p for p in images if str(p) not in refused]
 
     if args.edges is not None:
         edges = json.loads(args.edges.read_text())
@@ -128,20 +135,31 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{args.edges}: missing metrics {missing}")
     else:
         values: dict[str, list[float]] = {m: [] for m in METRICS}
-        for image in tqdm(images, desc="collect statistics"):
-            color = read_json(image.with_suffix(".json")).get("color")
-            if isinstance(color, dict):
+        for image in tqdm(good, desc="collect statistics"):
+            try:
+                meta = read_json(image.with_suffix(".json"))
+            except Refused:
+                continue  # changed since pass 1: pass 2 reports it
+            if has_color_stats(meta, METRICS):
                 for m in METRICS:
-                    values[m].append(color[m])
+                    values[m].append(meta["color"][m])
+        if not values[METRICS[0]]:
+            return refusals.finish(args.data_dir / REFUSED_FILE, usable=0, strict=args.strict)
         edges = quartile_edges(values)
         write_json(args.data_dir / EDGES_FILE, edges)
 
+    changed = tokens = 0
     with Pool(args.workers) as pool:
-        changed = sum(tqdm(pool.imap_unordered(levels_job, [(p, edges) for p in images], chunksize=64),
-                           total=len(images), desc="control tokens"))
-    print(f"{len(images)} images, {len(errors)} unreadable, {changed} jsons updated with control tokens; "
+        for path, did, err in tqdm(pool.imap_unordered(levels_job, [(p, edges) for p in good], chunksize=64),
+                                   total=len(good), desc="control tokens"):
+            if err is not None:
+                refusals.add_error(err, sample=path)
+            else:
+                changed += did
+                tokens += 1
+    print(f"{len(images)} images, {len(refusals.files)} refused, {changed} jsons updated with control tokens; "
           f"quartiles: {args.edges or args.data_dir / EDGES_FILE}")
-    return 0
+    return refusals.finish(args.data_dir / REFUSED_FILE, usable=tokens, strict=args.strict)
 
 
 if __name__ == "__main__":

@@ -107,12 +107,13 @@ def _encode(ext: str, value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False).encode()
     if isinstance(value, str):
         return value.encode()
-    raise TypeError(f"cannot encode field {ext!r} of type {type(value).__name__}")
+    raise ValueError(f"cannot encode field {ext!r} of type {type(value).__name__}")
 
 
 def sample_size(files: dict[str, Any]) -> tuple[int, int] | None:
     """(height, width) of a sample from its json (bucket of a latent sample, else width/height)
-    or image header; None when neither is readable."""
+    or image header; None when neither is readable. Raises ValueError naming a json field of the
+    wrong type (sources.check_meta); json that does not parse is left for the loader to count."""
     meta = files.get("json")
     if isinstance(meta, (bytes, str)):
         try:
@@ -120,10 +121,13 @@ def sample_size(files: dict[str, Any]) -> tuple[int, int] | None:
         except ValueError:
             meta = None
     if isinstance(meta, dict):
+        from lumina_illus.data.sources import check_meta
+
+        check_meta(meta)  # ValueError naming the field
         if "bucket" in meta:
-            return tuple(meta["bucket"])
+            return meta["bucket"][0], meta["bucket"][1]
         if "width" in meta and "height" in meta:
-            return int(meta["height"]), int(meta["width"])
+            return meta["height"], meta["width"]
     for ext in IMAGE_EXTS:
         v = files.get(ext)
         if isinstance(v, Image.Image):
@@ -182,7 +186,9 @@ def write_shards(
     A sample is a dict {"__key__": str (no dots), "jpg"|"png"|"webp": bytes or PIL image,
     "txt": str, "json": dict, ...}; other fields are written as given (bytes or str).
     The manifest holds per-shard sample counts and bytes, totals, and the histogram of buckets
-    (for `bucket_cfg`, default DataConfig()). With `verify`, every shard is read back and checked."""
+    (for `bucket_cfg`, default DataConfig()). With `verify`, every shard is read back and checked.
+    A field that cannot be encoded or a json field of the wrong type (sources.check_meta) raises
+    ValueError naming the sample's key and the field."""
     from lumina_illus.data.buckets import assign_bucket
 
     if samples_per_shard < 1:
@@ -211,7 +217,12 @@ def write_shards(
         if key in seen:
             raise ValueError(f"duplicate sample key {key!r} in shard {len(shards)}")
         seen.add(key)
-        size = sample_size(s)
+        try:
+            # encoded now, so that a bad field is named with its sample (not found at the shard's flush)
+            s = {"__key__": key, **{ext: _encode(ext, v) for ext, v in s.items() if ext != "__key__"}}
+            size = sample_size(s)
+        except (TypeError, ValueError) as e:  # TypeError: a json value json.dumps cannot write
+            raise ValueError(f"sample {key!r}: {e}") from None
         if size:
             bh, bw = assign_bucket(bucket_cfg, *size)
             hist[f"{bh}x{bw}"] += 1
