@@ -3,7 +3,9 @@
 Python entry of a training run (`launch/train_lu.sh` / `launch/train_sdxl.sh` run this file):
 parse, build, train, close. Works under any launcher (deepspeed, srun, torchrun) and alone
 (`python train.py CONFIG` trains on one local rank). Exit status 0 on success and after a
-preemption signal (SIGTERM/SIGUSR1: the step finishes and a checkpoint is written first).
+preemption signal (SIGTERM/SIGUSR1: the step finishes and a checkpoint is written first); 2 on a
+config error; 3 when the run stopped itself with a checkpoint (train.max_bad_steps non-finite steps
+in a row, or more bad samples than data.max_skip_fraction).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from lumina_illus.train import train
+    from lumina_illus.train.data_health import TooManyBadSamples
+    from lumina_illus.train.loop import TooManyBadSteps
 
     try:
         state = train(cfg)
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # checks that need the world size (batch arithmetic) fail on every rank
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TooManyBadSamples, TooManyBadSteps) as e:  # every rank stops at the same step, checkpoint written
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -183,9 +183,18 @@ class DataConfig:
     min_side: int = 64  # images smaller than this (pixels) are skipped and counted
     random_crop: bool = False  # crop position inside the bucket: random (recorded) or centred
     caption: dict[str, Any] = field(default_factory=dict)  # caption builder options (data/captions.py)
+    read_retries: int = 3  # a shard read that fails (missing file, I/O error, pipe command) is retried
+    retry_backoff_s: float = 1.0  # this many seconds before the first retry, doubling for each next one
+    max_skip_fraction: float = 0.01  # more bad samples than this share of the last skip_window samples
+    # (data errors and samples lost with shards; bucket_leftover excluded) stops the run with a checkpoint
+    skip_window: int = 10000  # samples (delivered + skipped, all ranks) the skip fraction is taken over
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.read_retries >= 0, "read_retries", "must be >= 0")
+        check(self.retry_backoff_s >= 0, "retry_backoff_s", "must be >= 0")
+        check(0.0 <= self.max_skip_fraction <= 1.0, "max_skip_fraction", "must be in [0, 1] (1 never stops)")
+        check(self.skip_window >= 1, "skip_window", "must be >= 1")
         check(self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.token_budget > 0, "token_budget", "must be > 0")

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from lumina_illus.config import DataConfig
 from lumina_illus.data.batch import Batch
 from lumina_illus.data.cursor import Cursor, fingerprint, merge_states
+from lumina_illus.data.reasons import SHARD_ERRORS, SKIP_REASONS
 from lumina_illus.data.shards import expand_shards, manifest_counts
-from lumina_illus.data.stream import SKIP_REASONS, ShardStream
+from lumina_illus.data.stream import ShardStream
 
 _RECENT = 20  # skipped samples kept for stats()["recent_skips"]
 
@@ -46,12 +47,13 @@ class Loader:
         self.seed, self.latent_mode = seed, latent_mode
         self.urls = expand_shards(cfg.shards)
         self.cursor = Cursor(len(self.urls), seed, fingerprint(self.urls))
-        counts = manifest_counts(self.urls)
-        self.samples_per_epoch = sum(counts.values()) if len(counts) == len(self.urls) else None
+        self.expected = manifest_counts(self.urls)  # url -> samples, from manifests beside the shards
+        self.samples_per_epoch = sum(self.expected.values()) if len(self.expected) == len(self.urls) else None
         self.counters: dict[str, Any] = self._zero_counters()
         self.recent: collections.deque[str] = collections.deque(maxlen=_RECENT)
         self.last_sources: list[tuple[int, int, int]] = []  # (epoch, shard index, ordinal) of the last batch
-        self.last_skips: list[tuple] = []  # (epoch, shard, ordinal, reason, shard url, key, message) reported with it
+        # (epoch, shard, ordinal, reason, shard url, key, message, samples lost) reported with it
+        self.last_skips: list[tuple] = []
         self.reading_epoch = 0  # newest epoch this rank has delivered samples of
         # the stream layout: work items are dealt from `origin` (the cursor this layout started from);
         # consumers[str(id)] is each of this rank's consumers' snapshot after its last consumed batch;
@@ -62,8 +64,8 @@ class Loader:
 
     @staticmethod
     def _zero_counters() -> dict[str, Any]:
-        return {"skipped": dict.fromkeys(SKIP_REASONS, 0), "batches": 0, "samples": 0, "tokens": 0, "budget": 0,
-                "buckets": {}}
+        return {"skipped": dict.fromkeys(SKIP_REASONS, 0), "shard_errors": dict.fromkeys(SHARD_ERRORS, 0),
+                "batches": 0, "samples": 0, "tokens": 0, "budget": 0, "buckets": {}}
 
     def layout_key(self) -> dict[str, Any]:
         """What must be unchanged for a resume to continue the same batch sequence."""
@@ -77,7 +79,8 @@ class Loader:
     def _dataloader(self) -> DataLoader:
         layout = {"origin": self.origin, "role_offset": self.next_role, "consumers": self.snapshots}
         ds = ShardStream(self.cfg, self.urls, layout, micro_batch=self.micro_batch,
-                         rank=self.rank, world_size=self.world_size, seed=self.seed, latent_mode=self.latent_mode)
+                         rank=self.rank, world_size=self.world_size, seed=self.seed, latent_mode=self.latent_mode,
+                         expected=self.expected)
         nw = self.cfg.num_workers
         return DataLoader(
             ds,
@@ -101,10 +104,12 @@ class Loader:
             if kind == "end":
                 self.cursor.set_total(*p)
                 continue
-            epoch, shard, ordinal, reason, where, key, msg = p
-            c["skipped"][reason] += 1
+            epoch, shard, ordinal, reason, where, key, msg, lost = p
+            c["skipped"][reason] += lost  # samples: 1 for a sample, the known loss for a shard read
+            if reason in SHARD_ERRORS:
+                c["shard_errors"][reason] += 1
             self.last_skips.append(tuple(p))
-            self.recent.append(f"{reason}: shard={where} key={key}: {msg}")
+            self.recent.append(f"{reason}: shard={where}" + (f" key={key}" if key else "") + f": {msg}")
             if ordinal >= 0:
                 self.cursor.mark(epoch, shard, ordinal)
         for e, s, i in book["samples"]:
@@ -194,8 +199,11 @@ class Loader:
             "shards": len(self.urls),
             "batches": c["batches"],
             "samples": c["samples"],
-            "skipped": dict(c["skipped"]),
+            "tokens": c["tokens"],  # image tokens delivered
+            "budget": c["budget"],  # token budget of the micro-batches delivered (bucket mode: their tokens)
+            "skipped": dict(c["skipped"]),  # samples per reason (shard errors: samples lost, where known)
             "skipped_total": sum(c["skipped"].values()),
+            "shard_errors": dict(c["shard_errors"]),  # failed shard reads per reason (after retries)
             "packing_efficiency": c["tokens"] / c["budget"] if c["budget"] else None,
             "tokens_per_batch": c["tokens"] / c["batches"] if c["batches"] else None,
             "samples_per_batch": c["samples"] / c["batches"] if c["batches"] else None,

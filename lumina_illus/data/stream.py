@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -30,30 +32,25 @@ from lumina_illus.data.captions import CaptionConfig, CaptionError, build_captio
 from lumina_illus.data.cursor import Cursor
 from lumina_illus.data.decode import DecodeError, load_rgb, open_image, to_tensor
 from lumina_illus.data.packing import BucketBatcher, TokenPacker
-from lumina_illus.data.shards import IMAGE_EXTS, LATENT_EXT, TarSample, iter_tar
+from lumina_illus.data.reasons import RETRIED
+from lumina_illus.data.shards import IMAGE_EXTS, LATENT_EXT, ShardReadError, TarSample, iter_tar
 
 log = logging.getLogger("lumina_illus.data")
 
-# every reason a sample can be skipped for; stats() reports each (zero included)
-SKIP_REASONS = (
-    "empty_file",  # zero-byte image
-    "corrupt_image",  # not decodable
-    "truncated_image",  # decoding stopped early
-    "truncated_tar",  # the shard ended in the middle (counted once per shard read)
-    "missing_image",  # no jpg/png/webp (or latent) in the sample
-    "missing_caption",  # neither .txt, json caption nor tags
-    "bad_json",  # .json unreadable or not an object
-    "too_small",  # a side below data.min_side
-    "bad_aspect",  # more elongated than data.skip_aspect
-    "bucket_leftover",  # bucket mode: a bucket never filled before the epoch after next
-    "other_error",  # anything else a sample raised (a bug or an exotic file): logged, the run goes on
-)
+# Only data errors are skipped (reasons.SAMPLE_REASONS); an exception of any other kind while
+# building a sample is a bug and stops the run with the shard and the key (SampleBug).
 
 
 class SkipSample(Exception):
+    """A data error in one sample: skipped and counted under `reason` (SAMPLE_REASONS)."""
+
     def __init__(self, reason: str, msg: str):
         super().__init__(msg)
         self.reason = reason
+
+
+class SampleBug(RuntimeError):
+    """Building a sample raised something that is not a data error: a bug, which stops the run."""
 
 
 @dataclass
@@ -61,7 +58,8 @@ class Sample:
     epoch: int
     shard: int
     ordinal: int
-    key: str  # "<shard file>/<key>"
+    key: str  # "<shard file>/<key>" (Batch.keys)
+    tar_key: str  # the key inside the tar (skip reports)
     caption: str
     pixels: torch.Tensor | None  # (3, H, W) in [-1, 1]
     latent: torch.Tensor | None  # (C, h, w) cached VAE latent
@@ -79,12 +77,17 @@ def decode_sample(
     meta: dict[str, Any] = {}
     if "json" in ts.files:
         try:
-            meta = json.loads(ts.files["json"])
-        except ValueError as e:
+            meta = json.loads(ts.files["json"].decode("utf-8-sig"))  # a byte-order mark is not content
+        except ValueError as e:  # UnicodeDecodeError included
             raise SkipSample("bad_json", f"json unreadable: {e}") from None
         if not isinstance(meta, dict):
             raise SkipSample("bad_json", f"json is a {type(meta).__name__}, expected an object")
-    text = ts.files["txt"].decode("utf-8", errors="replace") if "txt" in ts.files else None
+    text = None
+    if "txt" in ts.files:
+        try:
+            text = ts.files["txt"].decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise SkipSample("bad_caption_encoding", f".txt is not valid UTF-8: {e}") from None
     if latent_mode and "cached_caption" in meta:
         # text features were cached for this exact caption (data/cache_latents.py --text-embeds)
         caption = str(meta["cached_caption"])
@@ -104,8 +107,8 @@ def decode_sample(
             bucket = (int(meta["bucket"][0]), int(meta["bucket"][1]))
             original = (int(meta["original_size"][0]), int(meta["original_size"][1]))
             crop = (int(meta["crop"][0]), int(meta["crop"][1]))
-        except Exception as e:  # missing keys, bad safetensors
-            raise SkipSample("bad_json", f"latent sample incomplete: {e}") from None
+        except (KeyError, IndexError, TypeError, ValueError, SafetensorError) as e:  # missing/bad fields
+            raise SkipSample("bad_json", f"latent sample incomplete: {type(e).__name__}: {e}") from None
         return dict(caption=caption, pixels=None, latent=latent, text_embeds=embeds,
                     original_size=original, crop=crop, bucket=bucket)
 
@@ -160,6 +163,7 @@ class ShardStream(IterableDataset):
         world_size: int,
         seed: int,
         latent_mode: bool,
+        expected: dict[str, int] | None = None,
     ):
         # layout: {"origin": cursor state the work items are dealt from, "role_offset": worker whose
         # batch comes first, "consumers": {str(consumer id): snapshot}} (see Loader)
@@ -167,10 +171,34 @@ class ShardStream(IterableDataset):
         self.caption_cfg = from_dict(CaptionConfig, cfg.caption, where="data.caption", prefix="data.caption.")
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.seed, self.latent_mode = seed, latent_mode
+        self.expected = expected or {}  # url -> samples its manifest lists (truncation is counted against it)
+
+    def _read(self, url: str, start: int) -> Iterator[TarSample | ShardReadError]:
+        """iter_tar from sample ordinal `start` on, retrying failures that a new read can cure
+        (shards.RETRIED) data.read_retries times with exponential backoff; a failure that stays is
+        yielded last."""
+        for attempt in range(self.cfg.read_retries + 1):
+            failure = None
+            for ts in iter_tar(url):
+                if isinstance(ts, ShardReadError):
+                    failure = ts
+                    break
+                if ts.index >= start:
+                    start = ts.index + 1
+                    yield ts
+            if failure is None:
+                return
+            if failure.reason not in RETRIED or attempt == self.cfg.read_retries:
+                yield failure
+                return
+            delay = self.cfg.retry_backoff_s * 2**attempt
+            log.warning("data: %s reading %s (%s); retry %d of %d in %.1f s from sample %d", failure.reason, url,
+                        failure, attempt + 1, self.cfg.read_retries, delay, start)
+            time.sleep(delay)
 
     def _items(self, consumer: int, n_consumers: int, pos: dict[str, int]) -> Iterator[tuple[str, Any]]:
         """Raw events of this consumer in order: ("sample", (epoch, shard, TarSample)),
-        ("skip", (epoch, shard, ordinal, reason, where, key, msg)), ("end", (epoch, shard, n)),
+        ("skip", (epoch, shard, ordinal, reason, where, key, msg, lost)), ("end", (epoch, shard, n)),
         ("epoch", epoch) when a work item of that epoch starts.
 
         The work items are those of the layout's origin cursor dealt round-robin, so the sequence is
@@ -180,6 +208,7 @@ class ShardStream(IterableDataset):
         cursor = Cursor.from_state(self.layout["origin"])
         start, after = pos["item"], pos["n"]  # resume inside item `start` after its first `after` samples
         dry = pos["dry"]  # work items in a row without one readable sample
+        why: dict[str, int] = {}  # shard failures during the dry streak, by reason
         for i, item in enumerate(cursor.work()):
             if i % n_consumers != consumer or i < start:
                 continue
@@ -189,23 +218,37 @@ class ShardStream(IterableDataset):
             pos.update(item=i, n=n, got=got)
             if not resumed:
                 yield "epoch", item.epoch
-            for ts in iter_tar(url):
-                if isinstance(ts, Exception):
-                    yield "skip", (item.epoch, item.shard, -1, "truncated_tar", url, "", f"after {n} samples: {ts}")
+            # from sample n on: what was read before a checkpoint is restored from the snapshot
+            for ts in self._read(url, n):
+                if isinstance(ts, ShardReadError):
+                    why[ts.reason] = why.get(ts.reason, 0) + 1
+                    yield "skip", self._shard_failure(item.epoch, item.shard, url, n, ts.reason, str(ts))
                     break
-                if resumed and ts.index < after:
-                    continue  # read before the checkpoint: what it left behind is restored from the snapshot
                 n += 1
                 keep = ts.index not in item.skip
                 got += keep
                 pos.update(n=n, got=got)
                 if keep:
                     yield "sample", (item.epoch, item.shard, ts)
+            else:
+                if n < self.expected.get(url, 0):
+                    yield "skip", self._shard_failure(item.epoch, item.shard, url, n, "truncated_tar",
+                                                      f"complete archive, but its manifest lists {self.expected[url]}")
             yield "end", (item.epoch, item.shard, n)
             dry = 0 if got else dry + 1
+            why = why if dry else {}
             pos["dry"] = dry
             if dry > 2 * len(self.urls) + n_consumers:
-                raise RuntimeError(f"data: no readable sample in {dry} shard reads in a row (shards {self.urls[:3]}...)")
+                failures = ", ".join(f"{r} {k}" for r, k in sorted(why.items())) or "none (every sample was skipped)"
+                raise RuntimeError(f"data: no readable sample in {dry} shard reads in a row (shards {self.urls[:3]}...); "
+                                   f"shard read failures among them: {failures}")
+
+    def _shard_failure(self, epoch: int, shard: int, url: str, n: int, reason: str, msg: str) -> tuple:
+        """The skip event of a shard read that ended after n samples: samples lost from the manifest."""
+        total = self.expected.get(url)
+        lost = max(0, total - n) if total is not None else 0
+        how_many = f"{lost} of its {total} samples lost" if total is not None else "samples lost unknown (no manifest)"
+        return (epoch, shard, -1, reason, url, "", f"ended after {n} samples, {how_many}: {msg}", lost)
 
     def _restore(self, snap: dict[str, Any], make: Any) -> tuple[list, list, list]:
         """Re-read the samples a snapshot holds (shuffle buffer, packer or bucket queues) from their
@@ -220,8 +263,8 @@ class ShardStream(IterableDataset):
         tars: dict[tuple[int, int], TarSample] = {}
         for shard, ordinals in need.items():
             last = max(ordinals)
-            for ts in iter_tar(self.urls[shard]):
-                if isinstance(ts, Exception):
+            for ts in self._read(self.urls[shard], 0):
+                if isinstance(ts, ShardReadError):
                     break
                 if ts.index in ordinals:
                     tars[(shard, ts.index)] = ts
@@ -270,7 +313,8 @@ class ShardStream(IterableDataset):
             sample_rng = random.Random(f"{self.seed}/{epoch}/{shard}/{ts.index}")
             d = decode_sample(ts, cfg, self.caption_cfg, sample_rng, self.latent_mode)
             name = self.urls[shard].rsplit("/", 1)[-1]
-            return Sample(epoch, shard, ts.index, f"{name}/{ts.key}", tokens=image_tokens(cfg, d["bucket"]), **d)
+            return Sample(epoch, shard, ts.index, f"{name}/{ts.key}", ts.key, tokens=image_tokens(cfg, d["bucket"]),
+                          **d)
 
         snap = self.layout["consumers"].get(str(consumer))
         if snap is not None:
@@ -313,15 +357,16 @@ class ShardStream(IterableDataset):
             return collate(samples), book
 
         def process(epoch: int, shard: int, ts: TarSample) -> list[Sample] | None:
+            where = self.urls[shard]
             try:
                 s = make(epoch, shard, ts)
-            except Exception as e:
-                reason = e.reason if isinstance(e, SkipSample) else "other_error"
-                msg = str(e) if isinstance(e, SkipSample) else f"{type(e).__name__}: {e}"
-                where = self.urls[shard]
-                log.warning("skipped %s: shard=%s key=%s: %s", reason, where, ts.key, msg)
-                events.append(("skip", (epoch, shard, ts.index, reason, where, ts.key, msg)))
+            except SkipSample as e:  # a data error: skipped, counted, reported with shard and key
+                log.warning("skipped %s: shard=%s key=%s: %s", e.reason, where, ts.key, e)
+                events.append(("skip", (epoch, shard, ts.index, e.reason, where, ts.key, str(e), 1)))
                 return None
+            except Exception as e:  # not a data error: our bug; stop with where it happened
+                raise SampleBug(f"data: {type(e).__name__} while building sample key={ts.key} of shard {where} "
+                                f"(a bug, not bad data; the traceback follows): {e}") from e
             if packer is not None:
                 return packer.add(s, s.tokens)
             return bucketer.add(s, s.bucket)
@@ -335,12 +380,12 @@ class ShardStream(IterableDataset):
                         old = [s for s in q if s.epoch < epoch_now - 1]
                         for s in old:
                             events.append(("skip", (s.epoch, s.shard, s.ordinal, "bucket_leftover",
-                                                    self.urls[s.shard], s.key, f"bucket {b} never filled")))
+                                                    self.urls[s.shard], s.tar_key, f"bucket {b} never filled", 1)))
                         bucketer.queues[b] = [s for s in q if s.epoch >= epoch_now - 1]
                 continue
             if kind != "sample":
                 if kind == "skip":
-                    log.warning("skipped %s: shard=%s: %s", payload[3], payload[4], payload[6])
+                    log.warning("data: %s: shard=%s: %s", payload[3], payload[4], payload[6])
                 events.append((kind, payload))
                 continue
             buffer.append(payload)

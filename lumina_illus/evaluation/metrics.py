@@ -24,6 +24,26 @@ DATA_WAIT_FRAC = "perf/data_wait_frac"  # share of the step time spent waiting f
 STEP_TIME_SPREAD = "perf/step_time_spread"  # (slowest - fastest rank step time) / mean: stragglers
 MEM_GB = "perf/mem_gb"  # peak accelerator memory, GiB
 
+# data health (summed over ranks, cumulative since step 0; lumina_illus/data/stream.py SKIP_REASONS)
+DATA_SKIPPED = "data/skipped"  # samples skipped or lost with a shard, all reasons
+DATA_SKIPPED_PREFIX = "data/skipped_"  # + reason: data/skipped_corrupt_image, data/skipped_truncated_tar, ...
+DATA_SHARD_ERRORS = "data/shard_errors"  # shard reads that failed after their retries, all reasons
+DATA_SHARD_ERRORS_PREFIX = "data/shard_errors_"  # + reason: data/shard_errors_pipe_failed, ...
+DATA_SKIP_FRACTION = "data/skip_fraction_recent"  # bad share of the last data.skip_window samples
+DATA_EPOCH = "data/epoch"  # newest epoch any rank reads from (0-based)
+DATA_SAMPLES_PER_EPOCH = "data/samples_per_epoch"  # from the shards' manifests (absent when unknown)
+DATA_PACKING = "data/packing_efficiency"  # image tokens / token budget of the micro-batches so far
+DATA_TOKENS_PER_MICRO = "data/image_tokens_per_micro_batch"  # mean over the micro-batches so far
+
+
+def skipped_key(reason: str) -> str:
+    return DATA_SKIPPED_PREFIX + reason
+
+
+def shard_errors_key(reason: str) -> str:
+    return DATA_SHARD_ERRORS_PREFIX + reason
+
+
 # evaluation
 CHAR_RECALL = "eval/char_recall"  # mean character recall of the in-training char_recall
 SAMPLE_GRID = "samples/grid"  # wandb.Image of the sample grid
@@ -37,4 +57,5 @@ def loss_t_key(t: float) -> str:
 
 
 ALL = (LOSS, *LOSS_T, GRAD_NORM, LR, SAMPLES_SEEN, SKIPPED_STEPS, IMAGES_PER_S, TOKENS_PER_S, MFU,
-       DATA_WAIT_FRAC, STEP_TIME_SPREAD, MEM_GB, CHAR_RECALL, SAMPLE_GRID)
+       DATA_WAIT_FRAC, STEP_TIME_SPREAD, MEM_GB, DATA_SKIPPED, DATA_SHARD_ERRORS, DATA_SKIP_FRACTION, DATA_EPOCH,
+       DATA_SAMPLES_PER_EPOCH, DATA_PACKING, DATA_TOKENS_PER_MICRO, CHAR_RECALL, SAMPLE_GRID)

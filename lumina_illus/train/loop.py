@@ -25,6 +25,7 @@ from lumina_illus.families import TrainingParts, get_family
 from lumina_illus.train import hooks
 from lumina_illus.train.batching import check_batch_arithmetic
 from lumina_illus.train.checkpoint import Checkpointer, TrainState
+from lumina_illus.train.data_health import SkipGuard, TooManyBadSamples, examples
 from lumina_illus.train.ema import ShardedEMA
 from lumina_illus.train.engine import DistEnv, build_engine, init_distributed, set_lr
 from lumina_illus.train.rng import seed_everything
@@ -107,6 +108,7 @@ def train(cfg: RunConfig) -> TrainState:
     if resume is not None:
         tel.event(state.step, "resumed", path=str(resume), samples_seen=state.samples_seen, universal=b.universal)
     stop = StopFlag()
+    skip_guard = SkipGuard(cfg.data)  # data.max_skip_fraction over the last data.skip_window samples
     peak = peak_flops(cfg, env.device)
     batches = iter(loader)
     engine.train()
@@ -138,16 +140,19 @@ def train(cfg: RunConfig) -> TrainState:
                 state.bad_in_row += 1
                 state.skipped_steps += 1
             stats.step_time = time.perf_counter() - t0
+            stats.add_data(loader.stats())  # skip counts, packing: summed over ranks in the gather
             stats.stop = bool(stop)
             stats.save_now = ckpt.due_by_time()
             g = gather_stats(stats, env.device)  # collective: totals and agreed flags
             state.samples_seen += g["samples"]
+            skip_guard.update(g["data"])
 
             grad_norm = engine.get_global_grad_norm()
             metrics = step_metrics(
                 g, stats, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                 samples_seen=state.samples_seen, skipped=state.skipped_steps, peak=peak,
                 world=env.world_size, mem=memory_gib(env.device),
+                samples_per_epoch=loader.samples_per_epoch, skip_fraction=skip_guard.fraction,
             )
             tel.log(state.step, metrics, write=state.step % cfg.telemetry.log_every == 0 or not applied)
             if not applied:
@@ -163,8 +168,10 @@ def train(cfg: RunConfig) -> TrainState:
                     tel.record(state.step, {M.CHAR_RECALL: result["recall"]})
 
             too_bad = state.bad_in_row >= cfg.train.max_bad_steps
+            bad_data = skip_guard.verdict()  # the same on every rank: computed from gathered counts
             final = state.step == cfg.train.max_steps
-            save_state = ckpt.due_by_steps(state.step) or g["save_now"] or g["stop"] or too_bad or final
+            save_state = (ckpt.due_by_steps(state.step) or g["save_now"] or g["stop"] or too_bad
+                          or bad_data is not None or final)
             export = ckpt.export_due(state.step, save_state) or final
             if save_state or export:
                 path = ckpt.save(engine, state, resume_state=save_state, export=export, parts=parts,
@@ -173,6 +180,15 @@ def train(cfg: RunConfig) -> TrainState:
             if g["stop"]:
                 tel.event(state.step, "stopped_by_signal", signal=stop.received or "received by another rank")
                 break
+            if bad_data:
+                seen = examples(loader.stats()["recent_skips"], env.world_size)  # collective
+                tel.record(state.step, metrics)
+                tel.event(state.step, "stopped_bad_data", verdict=bad_data, examples=seen)
+                raise TooManyBadSamples(
+                    f"{bad_data}; stopped at step {state.step} with a checkpoint in {ckpt.dir}. Examples:\n  "
+                    + "\n  ".join(seen) + "\nFix or remove those files (data/make_shards.py reports bad inputs), "
+                    f"or raise data.max_skip_fraction (now {cfg.data.max_skip_fraction}) to train on regardless."
+                )
             if too_bad:
                 raise TooManyBadSteps(
                     f"{state.bad_in_row} consecutive steps had a non-finite loss or gradient "

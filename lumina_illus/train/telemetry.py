@@ -22,7 +22,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from lumina_illus.config import RunConfig, to_dict
+from lumina_illus.data.reasons import SHARD_ERRORS, SKIP_REASONS
 from lumina_illus.evaluation import metrics as M
+from lumina_illus.train.data_health import DATA_FIELDS, data_vector
 
 # dense bf16 peak per device, FLOP/s (no sparsity); matched against torch.cuda.get_device_name()
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -61,7 +63,7 @@ def memory_gib(device: torch.device) -> float:
 
 # layout of the per-rank vector gathered every step
 _SCALARS = ("step_time", "data_wait", "samples", "tokens", "flops", "loss_sum", "loss_count",
-            "stop", "save_now", "nonfinite_loss", "keys_crc")
+            "stop", "save_now", "nonfinite_loss", "keys_crc", "data_epoch")
 _NB = M.LOSS_T_BINS
 
 
@@ -84,6 +86,13 @@ class StepStats:
     micro_batches: int = 0
     bin_sum: list[float] = field(default_factory=lambda: [0.0] * _NB)
     bin_count: list[int] = field(default_factory=lambda: [0] * _NB)
+    data: list[float] = field(default_factory=lambda: [0.0] * len(DATA_FIELDS))  # loader counts (data_health)
+    data_epoch: int = 0  # newest epoch this rank's loader delivered samples of
+
+    def add_data(self, loader_stats: dict[str, Any]) -> None:
+        """This rank's cumulative loader counts (Loader.stats()), taken once per step."""
+        self.data = data_vector(loader_stats)
+        self.data_epoch = int(loader_stats["epoch"])
 
     def add_keys(self, keys: list[str], captions: list[str], micro: int) -> None:
         """Fold the sample keys and captions of micro-batch `micro` of this step into `keys_crc`."""
@@ -111,7 +120,8 @@ class StepStats:
 
 def gather_stats(stats: StepStats, device: torch.device) -> dict[str, Any]:
     """Collective: every rank's StepStats -> totals, max/min step time, and agreed flags."""
-    local = [float(getattr(stats, k)) for k in _SCALARS] + stats.bin_sum + [float(c) for c in stats.bin_count]
+    local = ([float(getattr(stats, k)) for k in _SCALARS] + stats.bin_sum + [float(c) for c in stats.bin_count]
+             + stats.data)
     vec = torch.tensor(local, dtype=torch.float64, device=device)  # (K,)
     world = dist.get_world_size()
     rows = [torch.empty_like(vec) for _ in range(world)]
@@ -134,11 +144,14 @@ def gather_stats(stats: StepStats, device: torch.device) -> dict[str, Any]:
         "keys_crc": int(col["keys_crc"].sum()),
         "bin_sum": table[:, n : n + _NB].sum(0).tolist(),
         "bin_count": table[:, n + _NB : n + 2 * _NB].sum(0).tolist(),
+        "data": dict(zip(DATA_FIELDS, table[:, n + 2 * _NB :].sum(0).tolist())),  # loader counts, all ranks
+        "data_epoch": int(col["data_epoch"].max()),
     }
 
 
 def step_metrics(g: dict[str, Any], stats: StepStats, *, lr: float, grad_norm: float | None, samples_seen: int,
-                 skipped: int, peak: float | None, world: int, mem: float) -> dict[str, float]:
+                 skipped: int, peak: float | None, world: int, mem: float,
+                 samples_per_epoch: int | None = None, skip_fraction: float | None = None) -> dict[str, float]:
     """Loggable metrics of one step from the gathered stats (names from evaluation.metrics) and this
     rank's own `stats` (family extras)."""
     dt = g["step_time_max"]  # the step is as slow as its slowest rank
@@ -165,6 +178,27 @@ def step_metrics(g: dict[str, Any], stats: StepStats, *, lr: float, grad_norm: f
     for i, (s, c) in enumerate(zip(g["bin_sum"], g["bin_count"])):
         if c > 0:
             out[M.LOSS_T[i]] = s / c
+    out.update(data_metrics(g, samples_per_epoch, skip_fraction))
+    return out
+
+
+def data_metrics(g: dict[str, Any], samples_per_epoch: int | None, skip_fraction: float | None) -> dict[str, float]:
+    """The `data/*` metrics from the gathered loader counts (cumulative, summed over ranks)."""
+    d = g["data"]
+    out = {M.skipped_key(r): d[f"skipped/{r}"] for r in SKIP_REASONS}
+    out[M.DATA_SKIPPED] = sum(out.values())
+    errors = {M.shard_errors_key(r): d[f"shard_errors/{r}"] for r in SHARD_ERRORS}
+    out.update(errors)
+    out[M.DATA_SHARD_ERRORS] = sum(errors.values())
+    out[M.DATA_EPOCH] = g["data_epoch"]
+    if samples_per_epoch:
+        out[M.DATA_SAMPLES_PER_EPOCH] = samples_per_epoch
+    if d["budget"] > 0:
+        out[M.DATA_PACKING] = d["tokens"] / d["budget"]
+    if d["batches"] > 0:
+        out[M.DATA_TOKENS_PER_MICRO] = d["tokens"] / d["batches"]
+    if skip_fraction is not None:
+        out[M.DATA_SKIP_FRACTION] = skip_fraction
     return out
 
 
