@@ -14,7 +14,10 @@ import glob
 import io
 import json
 import os
+import signal
+import subprocess
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -23,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
-import webdataset as wds
 from PIL import Image
 
 from lumina_illus.config import DataConfig, to_dict
+from lumina_illus.data.reasons import SHARD_ERRORS
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "latent.safetensors"
@@ -69,14 +72,80 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def iter_tar(url: str) -> Iterator[TarSample | Exception]:
-    """Samples of one shard in tar order. A read error (truncated tar, missing file, failing pipe)
-    ends the shard: the group being assembled is dropped and the exception is yielded last, so the
-    caller counts it and moves on."""
-    index, key, files = 0, None, {}
+class ShardReadError(Exception):
+    """A shard read that ended early; `reason` is one of reasons.SHARD_ERRORS."""
+
+    def __init__(self, reason: str, msg: str):
+        assert reason in SHARD_ERRORS, reason
+        super().__init__(msg)
+        self.reason = reason
+
+
+class _Header(tarfile.TarInfo):
+    """TarInfo that notes on the TarFile how its last header read went: tarfile ends iteration the same
+    way for the end-of-archive marker (a zero block) and for a file that stops at or inside a header,
+    or a corrupt header; only the first is a complete archive."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:
+            tf.lumina_end = "end-of-archive marker"
+            raise
+        except tarfile.EmptyHeaderError:
+            tf.lumina_end = "the file ends where the next header should start"
+            raise
+        except tarfile.TruncatedHeaderError:
+            tf.lumina_end = "the file ends inside a member header"
+            raise
+        except tarfile.InvalidHeaderError as e:
+            tf.lumina_end = f"corrupt member header ({e})"
+            raise
+
+
+def _open(url: str) -> tuple[Any, subprocess.Popen | None, Any]:
+    """(byte stream, process or None, stderr file or None) of a path or a "pipe:command"."""
+    if url.startswith("pipe:"):
+        err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on stderr
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=err, bufsize=1 << 20)
+        return proc.stdout, proc, err
     try:
-        stream = wds.gopen(url) if url.startswith("pipe:") else open(url, "rb")
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        return open(url, "rb"), None, None
+    except FileNotFoundError as e:
+        raise ShardReadError("missing_shard", f"cannot open shard: {e}") from None
+
+
+def _pipe_status(proc: subprocess.Popen, err: Any, drained: bool) -> ShardReadError | None:
+    """The pipe command's failure, or None. `drained`: its output was read to the end, so its exit
+    status is its own verdict; otherwise the reader stopped early (and closed the stream): the
+    command either failed by itself or dies of the broken pipe, which is not its failure."""
+    try:
+        rc = proc.wait(timeout=None if drained else 5)
+    except subprocess.TimeoutExpired:  # still running although nobody reads: not its fault
+        proc.kill()
+        proc.wait()
+        return None
+    if rc == 0 or (not drained and rc in (-signal.SIGPIPE, 128 + signal.SIGPIPE)):
+        return None
+    err.seek(0)
+    tail = err.read()[-500:].decode("utf-8", errors="replace").strip()
+    return ShardReadError("pipe_failed", f"command exited with status {rc}" + (f": {tail}" if tail else ""))
+
+
+def iter_tar(url: str) -> Iterator[TarSample | ShardReadError]:
+    """Samples of one shard in tar order. A read that ends early (missing file, I/O error, failing
+    pipe command, truncated or corrupt archive) ends the shard: the group being assembled is dropped
+    (a sample cut between its files is never delivered without its caption) and a ShardReadError is
+    yielded last, so the caller counts it and moves on."""
+    index, key, files = 0, None, {}
+    proc = err = None
+    finished = False
+    failure: ShardReadError | None = None
+    try:
+        stream, proc, err = _open(url)
+        with stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Header) as tar:
+            tar.lumina_end = None
             for member in tar:
                 if not member.isfile():
                     continue
@@ -88,11 +157,28 @@ def iter_tar(url: str) -> Iterator[TarSample | Exception]:
                 f = tar.extractfile(member)
                 files[ext] = f.read() if f is not None else b""
                 if len(files[ext]) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} truncated")
-        if key is not None:
-            yield TarSample(index, key, files)
-    except Exception as e:  # tarfile.ReadError, EOFError, OSError, pipe failures
-        yield e
+                    raise tarfile.ReadError(f"member {member.name} holds {len(files[ext])} of {member.size} bytes")
+            if tar.lumina_end != "end-of-archive marker":
+                raise tarfile.ReadError(f"no end-of-archive marker: {tar.lumina_end or 'the stream ended'}")
+            if proc is not None:
+                while stream.read(1 << 20):  # the record padding after the marker: the command's exit
+                    pass  # status is then its own, not a broken pipe
+            finished = True
+    except ShardReadError as e:
+        failure = e
+    except (tarfile.TarError, EOFError) as e:
+        failure = ShardReadError("truncated_tar", f"archive ends early: {e}")
+    except OSError as e:
+        failure = ShardReadError("read_error", f"{type(e).__name__}: {e}")
+    finally:
+        if proc is not None:
+            pipe_failure = _pipe_status(proc, err, drained=finished)
+            failure = pipe_failure or failure  # a failing command explains the short archive
+            err.close()
+    if failure is None and key is not None:
+        yield TarSample(index, key, files)
+    if failure is not None:
+        yield failure
 
 
 def _encode(ext: str, value: Any) -> bytes:
