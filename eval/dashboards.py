@@ -1,7 +1,8 @@
 """python eval/dashboards.py --entity my-team --project lumina_illus --out dashboard.json
 
 The W&B workspace of lumina_illus runs, defined as code (panels: loss, loss per t-bin, throughput and
-MFU, data wait, stragglers, character recall vs samples seen, sample grids). By default only writes the
+MFU, data wait, stragglers, data health (skips per reason, shard failures, epoch, packing), character
+recall vs samples seen, sample grids). By default only writes the
 view specification to --out (works offline); --save creates the view in W&B (needs network and login).
 """
 

@@ -28,6 +28,9 @@ def spec(tmp_path_factory) -> dict:
 def test_every_logged_metric_has_a_panel(spec):
     keys = {k for ks in panel_metrics(spec).values() for k in ks}
     assert set(M.ALL) - {M.SAMPLES_SEEN} <= keys  # samples seen is the x axis of every line plot
+    from lumina_illus.data.reasons import SHARD_ERRORS, SKIP_REASONS
+
+    assert {M.skipped_key(r) for r in SKIP_REASONS} | {M.shard_errors_key(r) for r in SHARD_ERRORS} <= keys
     assert CURVE_IMAGE in keys
     assert spec["entity"] == "team" and spec["project"] == "proj"
 
@@ -35,7 +38,7 @@ def test_every_logged_metric_has_a_panel(spec):
 def test_panels_and_axes(spec):
     sections = spec["spec"]["section"]["panelBankConfig"]["sections"]
     assert [s["name"] for s in sections] == ["Loss", "Loss per t-bin (t=0 noise, t=1 data)", "Throughput and MFU",
-                                             "Data wait and stragglers", "Character recall", "Samples"]
+                                             "Data wait and stragglers", "Data", "Character recall", "Samples"]
     lines = [p for s in sections for p in s["panels"] if p["viewType"] == "Run History Line Plot"]
     assert lines and all(p["config"]["xAxis"] == M.SAMPLES_SEEN for p in lines)
     recall = [p for p in lines if p["config"]["metrics"] == [M.CHAR_RECALL]]

@@ -1,7 +1,8 @@
 """W&B workspace for lumina_illus runs, defined as code (wandb-workspaces).
 
-Sections: loss, loss per t-bin, throughput and MFU, data wait and stragglers, character recall vs
-samples seen, sample grids. Every metric name comes from `lumina_illus.evaluation.metrics`, the same
+Sections: loss, loss per t-bin, throughput and MFU, data wait and stragglers, data health (samples
+skipped per reason, shard read failures, epoch, packing), character recall vs samples seen, sample
+grids. Every metric name comes from `lumina_illus.evaluation.metrics`, the same
 constants the trainer logs with. Offline, `workspace_spec()` gives the view specification as plain JSON
 (what `Workspace.save()` would send); online, `eval/dashboards.py --save` creates the view.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lumina_illus.data.reasons import SHARD_ERRORS, SKIP_REASONS
 from lumina_illus.evaluation import metrics as M
 
 CURVE_IMAGE = "eval/char_recall_curve"  # PNG logged by eval/char_recall.py (curves.log_curves_wandb)
@@ -41,6 +43,16 @@ def build_workspace(entity: str, project: str, name: str = "lumina_illus trainin
         ws.Section(name="Data wait and stragglers", is_open=True, panels=[
             line("share of step waiting for data", [M.DATA_WAIT_FRAC]),
             line("step time spread across ranks (stragglers)", [M.STEP_TIME_SPREAD]),
+        ]),
+        ws.Section(name="Data", is_open=True, panels=[
+            line("samples skipped or lost (all reasons, cumulative)", [M.DATA_SKIPPED]),
+            line("bad share of the recent window (stops above data.max_skip_fraction)", [M.DATA_SKIP_FRACTION]),
+            line("samples skipped per reason", [M.skipped_key(r) for r in SKIP_REASONS]),
+            line("shard reads failed (after retries)", [M.DATA_SHARD_ERRORS]),
+            line("shard reads failed per reason", [M.shard_errors_key(r) for r in SHARD_ERRORS]),
+            line("epoch", [M.DATA_EPOCH]), line("samples per epoch (manifests)", [M.DATA_SAMPLES_PER_EPOCH]),
+            line("packing efficiency (image tokens / budget)", [M.DATA_PACKING]),
+            line("image tokens per micro-batch", [M.DATA_TOKENS_PER_MICRO]),
         ]),
         ws.Section(name="Character recall", is_open=True, panels=[
             line("character recall vs image samples seen", [M.CHAR_RECALL]),
