@@ -11,7 +11,8 @@ Trainer-facing API (lumina_illus/data/loader.py):
                                  # every rank): save it with the checkpoint
     loader.load_state_dict(d)    # before iter(); see "Resume guarantees" below
     loader.stats()               # {"epoch", "samples_seen", "samples_per_epoch", "skipped": {reason: n},
-                                 #  "packing_efficiency", "tokens_per_batch", "buckets", "recent_skips", ...}
+                                 #  "shard_errors": {reason: n}, "packing_efficiency", "tokens_per_batch",
+                                 #  "buckets", "recent_skips", ...}
 
 batching "tokens": each micro-batch is packed up to cfg.token_budget image tokens
 ((H/patch_tokens_per_side) * (W/patch_tokens_per_side) per image) and at most micro_batch samples;
@@ -33,9 +34,22 @@ Captions, tag shuffles and crops are a function of (seed, epoch, shard, sample) 
 
 Ranks never wait for each other at an epoch end: the stream is endless (epoch e+1 follows e in
 each worker), so every rank always has a next batch and takes exactly the steps the trainer asks.
-Bad samples (corrupt/truncated/empty images, truncated tars, missing caption or image, < min_side,
-aspect > skip_aspect, unreadable json) are skipped, logged with shard and key, counted per reason
-in stats()["skipped"], and marked consumed in the cursor.
+Data never vanishes without a count (reasons.py lists every reason):
+- a data error in one sample (corrupt/truncated/empty image, missing caption or image, a caption
+  that is not UTF-8, unreadable json or a json field of the wrong type, < min_side, aspect >
+  skip_aspect) is skipped, logged with the shard and the bare tar key, counted per reason in
+  stats()["skipped"], and marked consumed in the cursor. Any other exception while building a sample
+  is a bug: the run stops with SampleBug naming the shard and key, with the traceback.
+- a shard read that ends early is retried data.read_retries times with exponential backoff
+  (data.retry_backoff_s, doubling) when a new read can help (missing_shard, read_error, pipe_failed),
+  continuing after the samples already delivered; what stays is counted once per read in
+  stats()["shard_errors"] and by the samples lost (its manifest's count minus those read) in
+  stats()["skipped"]. A truncated archive (no end-of-archive marker, a member shorter than its
+  header, a corrupt header, or fewer samples than the manifest) is `truncated_tar`; the sample being
+  read when it ends is lost with the rest, never delivered without its caption.
+- the trainer gathers every rank's counts each step into the `data/*` metrics (log.jsonl, W&B "Data"
+  section) and stops with a checkpoint when more than data.max_skip_fraction of the last
+  data.skip_window samples were bad (lumina_illus/train/data_health.py).
 
 Tools (scripts in data/, each with --help):
     python data/make_shards.py SRC_DIR_OR_INDEX OUT_DIR --samples-per-shard 1000
