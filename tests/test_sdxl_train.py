@@ -20,6 +20,7 @@ from test_train_resume import _wait_for_step, finish, launch, read_log  # the tr
 from lumina_illus.evaluation.color import failure_flags, folder_stats
 from lumina_illus.families import get_family
 from lumina_illus.models.tiny_sdxl import make_tiny_sdxl
+from lumina_illus.sampling.flow import to_pil
 from lumina_illus.train.tiny_run import write_random_shards
 
 STEPS = 6
@@ -56,7 +57,7 @@ def make_sdxl_world(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_sdxl_vpred_ztsnr_trains_resumes_exports_and_samples(tmp_path):
+def test_sdxl_vpred_ztsnr_trains_resumes_exports_and_samples(tmp_path, monkeypatch):
     cfg = make_sdxl_world(tmp_path)
     script = "launch/train_sdxl.sh"
     ref = launch(cfg, "run.name=ref", script=script)
@@ -87,11 +88,25 @@ def test_sdxl_vpred_ztsnr_trains_resumes_exports_and_samples(tmp_path):
 
     gen = get_family("sdxl").load_generator(last, torch.device("cpu"))  # EMA weights
     assert gen.sampler.cfg.spacing == "trailing" and gen.sampler.prediction == "v"
+    # the floats behind each image (final latents, decoded pixels before the uint8 conversion, where a
+    # NaN would turn into a plain black pixel), recorded as the generator hands them to to_pil
+    decoded: list[tuple[torch.Tensor, torch.Tensor]] = []
+    decode = gen.codec.decode
+
+    def recording_decode(latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = decode(latents)
+        decoded.extend(zip(latents, out))
+        return out
+
+    monkeypatch.setattr(gen.codec, "decode", recording_decode)
     images = gen.generate(["red girl hat", "blue sky tree"], [(64, 64), (64, 64)], [0, 1])
+    assert len(decoded) == len(images) == 2
     samples = tmp_path / "samples"
     samples.mkdir()
-    for i, im in enumerate(images):
-        assert np.isfinite(np.asarray(im, dtype=np.float32)).all()
+    for i, (im, (z, pixels)) in enumerate(zip(images, decoded)):
+        assert z.shape == (4, 8, 8) and pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32
+        assert torch.isfinite(z).all() and torch.isfinite(pixels).all(), f"image {i}: non-finite latents or pixels"
+        assert np.array_equal(np.asarray(im), np.asarray(to_pil(pixels)))  # these floats made this image
         im.save(samples / f"{i}.png")
     stats = folder_stats(samples, progress=False)
     assert failure_flags(stats) == {}, stats  # no white collapse, no oversaturation
