@@ -222,3 +222,105 @@ def test_sample_cli_on_a_community_single_file(tiny, comps, tmp_path):
     assert [Image.open(p).size for p in paths] == [(64, 48)] * 2
     with pytest.raises(TypeError, match="unknown options"):
         get_family("sdxl").load_generator(path, torch.device("cpu"), components=str(tiny), shift=3.0)
+
+
+# ------------------------------------------------------------------ long prompts vs kohya's sd-scripts
+# Faithful transcriptions of the published SDXL long-prompt rule of kohya-ss/sd-scripts (the trainer
+# most SDXL fine-tunes come from), run with --max_token_length 225:
+#   ids:    library/strategy_base.py, TokenizeStrategy._get_input_ids (unweighted), called by
+#           library/strategy_sdxl.py, SdxlTokenizeStrategy.tokenize (max_length = 225 + 2; it forces
+#           tokenizer2.pad_token_id = 0, the "!" that bigG pads with)
+#   states: library/strategy_sdxl.py, SdxlTextEncodingStrategy._get_hidden_states_sdxl and
+#           _pool_workaround
+# sd-scripts then keeps one BOS state, each chunk's 75 token states and the last state (227 rows for
+# 3 chunks); we keep all 77 rows of every chunk (3 x 77), as ComfyUI (comfy/sd1_clip.py,
+# ClipTokenWeightEncoder.encode_token_weights: torch.cat of the chunk outputs) and A1111 do.
+
+
+def _sd_scripts_input_ids(tokenizer, text: str, max_token_length: int = 225) -> torch.Tensor:
+    max_length = max_token_length + 2
+    input_ids = tokenizer(text, padding="max_length", truncation=True, max_length=max_length,
+                          return_tensors="pt").input_ids
+    input_ids = input_ids.squeeze(0)
+    iids_list = []
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:  # v1 (CLIP-L pads with EOS)
+        for i in range(1, max_length - tokenizer.model_max_length + 2, tokenizer.model_max_length - 2):
+            ids_chunk = (input_ids[0].unsqueeze(0), input_ids[i : i + tokenizer.model_max_length - 2],
+                         input_ids[-1].unsqueeze(0))
+            iids_list.append(torch.cat(ids_chunk))
+    else:  # v2 or SDXL
+        for i in range(1, max_length - tokenizer.model_max_length + 2, tokenizer.model_max_length - 2):
+            ids_chunk = torch.cat((input_ids[0].unsqueeze(0), input_ids[i : i + tokenizer.model_max_length - 2],
+                                   input_ids[-1].unsqueeze(0)))
+            if ids_chunk[-2] != tokenizer.eos_token_id and ids_chunk[-2] != tokenizer.pad_token_id:
+                ids_chunk[-1] = tokenizer.eos_token_id
+            if ids_chunk[1] == tokenizer.pad_token_id:
+                ids_chunk[1] = tokenizer.eos_token_id
+            iids_list.append(ids_chunk)
+    return torch.stack(iids_list)  # (3, 77)
+
+
+def _sd_scripts_hidden_states(te1, te2, tok1, tok2, input_ids1, input_ids2):
+    b_size = input_ids1.size()[0]
+    max_token_length = input_ids1.size()[1] * input_ids1.size()[2]
+    input_ids1 = input_ids1.reshape((-1, tok1.model_max_length))  # batch_size*n, 77
+    input_ids2 = input_ids2.reshape((-1, tok2.model_max_length))
+    hidden_states1 = te1(input_ids1, output_hidden_states=True, return_dict=True)["hidden_states"][-2]  # [11] of 12
+    enc_out = te2(input_ids2, output_hidden_states=True, return_dict=True)
+    hidden_states2 = enc_out["hidden_states"][-2]  # penultimate layer
+    # _pool_workaround: the last_hidden_state at the first EOS of each chunk, through text_projection
+    eos_token_index = torch.argmax((input_ids2 == tok2.eos_token_id).int(), dim=1)
+    pool2 = enc_out["last_hidden_state"][torch.arange(input_ids2.shape[0]), eos_token_index]
+    pool2 = te2.text_projection(pool2)
+    n_size = max_token_length // 75
+    hidden_states1 = hidden_states1.reshape((b_size, -1, hidden_states1.shape[-1]))
+    hidden_states2 = hidden_states2.reshape((b_size, -1, hidden_states2.shape[-1]))
+    states_list = [hidden_states1[:, 0].unsqueeze(1)]  # <BOS>
+    for i in range(1, max_token_length, tok1.model_max_length):
+        states_list.append(hidden_states1[:, i : i + tok1.model_max_length - 2])
+    states_list.append(hidden_states1[:, -1].unsqueeze(1))  # <EOS>
+    hidden_states1 = torch.cat(states_list, dim=1)
+    states_list = [hidden_states2[:, 0].unsqueeze(1)]
+    for i in range(1, max_token_length, tok2.model_max_length):
+        states_list.append(hidden_states2[:, i : i + tok2.model_max_length - 2])
+    states_list.append(hidden_states2[:, -1].unsqueeze(1))  # <EOS> or <PAD>
+    hidden_states2 = torch.cat(states_list, dim=1)
+    pool2 = pool2[::n_size]  # the first chunk's
+    return hidden_states1, hidden_states2, pool2
+
+
+def _prompt_of(tokenizer, n_tokens: int) -> str:
+    """Danbooru-style tags in a seeded order (no period a wrong chunk length could hide behind),
+    cut to exactly n_tokens tokens."""
+    import random
+
+    tags = ["1girl", "solo", "long hair", "red eyes", "smile", "hat", "blue sky", "tree", "school uniform",
+            "outdoors", "looking at viewer", "cherry blossoms", "holding umbrella", "from side"]
+    rng = random.Random(0)
+    text = ""
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens:
+        text += rng.choice(tags) + ", "
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) > n_tokens:
+        text = text[:-1]
+    return text
+
+
+def test_200_token_prompt_matches_sd_scripts_chunking(comps):
+    prompt = _prompt_of(comps.tokenizer, 200)
+    for tok in (comps.tokenizer, comps.tokenizer_2):
+        assert len(tok(prompt, add_special_tokens=False)["input_ids"]) == 200
+    assert comps.tokenizer_2.pad_token_id == 0  # what sd-scripts forces on bigG's tokenizer
+    text = SDXLTextConditioner(comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2, 4)
+    ids1, ids2 = text.token_ids([prompt], torch.device("cpu"))  # (1, 3, 77) each
+    ref1 = _sd_scripts_input_ids(comps.tokenizer, prompt)
+    ref2 = _sd_scripts_input_ids(comps.tokenizer_2, prompt)
+    assert torch.equal(ids1[0], ref1) and torch.equal(ids2[0], ref2)
+    embeds, pooled = text.encode_prompts([prompt])  # (1, 3 * 77, 80), (1, 32)
+    with torch.no_grad():
+        h1, h2, pool2 = _sd_scripts_hidden_states(comps.text_encoder, comps.text_encoder_2, comps.tokenizer,
+                                                  comps.tokenizer_2, ref1[None], ref2[None])
+    assert embeds.shape == (1, 3 * 77, 80) and h1.shape[1] == h2.shape[1] == 227
+    # our rows without the inner BOS/EOS rows that sd-scripts drops: the first BOS, 3 x 75 tokens, the last row
+    ours = torch.cat([embeds[:, :1], *(embeds[:, c * 77 + 1 : c * 77 + 76] for c in range(3)), embeds[:, -1:]], 1)
+    torch.testing.assert_close(ours, torch.cat([h1, h2], -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, pool2, rtol=1e-5, atol=1e-5)
