@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,6 +248,37 @@ class OptimConfig:
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
 
 
+def normalize_checkpointing(spec: bool | float | str) -> bool | float | str:
+    """An activation checkpointing setting -> False (off), True (every block), a fraction in (0, 1) of
+    the blocks, or "every_K" (K >= 2: blocks 0, K, 2K, ... as torchtitan's selective layer option).
+    Accepted: true/false, "off"/"full", a number in [0, 1] (0 off, 1 full), "every_K" (K >= 1)."""
+    if isinstance(spec, bool):
+        return spec
+    if isinstance(spec, (int, float)):
+        if not 0 <= spec <= 1:
+            raise ValueError(f"'activation_checkpointing' = {spec} must be in [0, 1] as a fraction of the blocks")
+        return float(spec) if 0 < spec < 1 else bool(spec)
+    if spec in ("off", "full"):
+        return spec == "full"
+    m = re.fullmatch(r"every_([0-9]+)", str(spec))
+    if m is None or int(m.group(1)) < 1:
+        raise ValueError(f"'activation_checkpointing' = {spec!r} must be true/false, 'off', 'full', a fraction "
+                         "in [0, 1] or 'every_K' (K >= 1)")
+    return True if int(m.group(1)) == 1 else f"every_{int(m.group(1))}"
+
+
+def checkpointed_blocks(spec: bool | float | str, n_blocks: int) -> list[bool]:
+    """Which of `n_blocks` blocks (in forward order) recompute in backward under `spec`
+    (see normalize_checkpointing); a fraction f picks floor(f * n_blocks) blocks, evenly spread."""
+    spec = normalize_checkpointing(spec)
+    if isinstance(spec, bool):
+        return [spec] * n_blocks
+    if isinstance(spec, float):
+        return [math.floor((i + 1) * spec + 1e-9) > math.floor(i * spec + 1e-9) for i in range(n_blocks)]
+    k = int(spec.removeprefix("every_"))
+    return [i % k == 0 for i in range(n_blocks)]
+
+
 @dataclass
 class TrainConfig:
     global_batch: int = 768  # samples per optimizer step over all ranks
@@ -255,13 +288,16 @@ class TrainConfig:
     # DeepSpeed ZeRO stage; >= 1 because the ZeRO optimizers are what skip non-finite-gradient steps
     zero_stage: Literal[1, 2, 3] = 2
     precision: Literal["bf16", "fp32"] = "bf16"  # fp32 for CPU toy runs
-    activation_checkpointing: bool = False  # recompute block activations in backward (read by the family)
+    # recompute block activations in backward (read by the family): false/"off", true/"full", a fraction
+    # in (0, 1) of the blocks, evenly spread, or "every_K" (blocks 0, K, 2K, ...); see checkpointed_blocks
+    activation_checkpointing: bool | float | str = False
     max_bad_steps: int = 20  # consecutive NaN/inf steps before the run stops (with a checkpoint)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the derived DeepSpeed JSON
 
     def __post_init__(self) -> None:
         for k in ("global_batch", "micro_batch", "grad_accum", "max_steps", "max_bad_steps"):
             check(getattr(self, k) > 0, k, "must be > 0")
+        self.activation_checkpointing = normalize_checkpointing(self.activation_checkpointing)
 
 
 @dataclass

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lumina_illus.config import ConfigError, from_dict
 from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
+from lumina_illus.models.attention import resolve_backend
 from lumina_illus.models.nextdit import NextDiT, NextDiTConfig, nextdit_2b, nextdit_tiny
 from lumina_illus.models.text_encoder import GemmaTextEncoder, TextEncoderConfig
 from lumina_illus.models.vae import LatentCodec, VAEConfig
@@ -52,6 +54,7 @@ class Lumina2Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     objective: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     sampler: FlowSamplerConfig = field(default_factory=FlowSamplerConfig)
+    compile: bool = False  # torch.compile each transformer block, dynamic shapes (NextDiT.compile_blocks)
 
     def __post_init__(self) -> None:
         self.nextdit()  # validate now, so a bad arch fails at config load with its key named
@@ -108,8 +111,20 @@ class Lumina2Family:
     def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts:
         mc: Lumina2Config = cfg.model
         dit = build_dit(mc, cfg.source).to(device)
-        if cfg.train.activation_checkpointing:
-            dit.set_activation_checkpointing(True)
+        # "auto" becomes the backend that will run, in the run config itself, so that config.yaml and
+        # the W&B config name it (DeepSpeed bf16 casts the model, and so q/k/v, to bf16)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        asked = dit.config.attention
+        mc.arch["attention"] = resolve_backend(asked, device, dtype)
+        dit.set_attention_backend(mc.arch["attention"])
+        if cfg.train.activation_checkpointing is not False:
+            dit.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        if mc.compile:
+            dit.compile_blocks()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            recompute = sum(b.recompute for b in dit.blocks())
+            print(f"[model] attention backend {mc.arch['attention']} (asked: {asked}), "
+                  f"activation checkpointing {recompute}/{len(dit.blocks())} blocks, compile {mc.compile}", flush=True)
         text_encoder = GemmaTextEncoder(mc.text_encoder, device)
         if text_encoder.dim != dit.config.cap_feat_dim:
             raise ConfigError(
@@ -282,8 +297,8 @@ def build_dit(mc: Lumina2Config, where: str = "<config>") -> NextDiT:
             raise ConfigError(
                 f"{where}: model.arch.{k} = {getattr(arch, k)!r} but {mc.pretrained} has {getattr(dit.config, k)!r}"
             )
-    for k in given & _RUNTIME_FIELDS:
-        setattr(dit.config, k, getattr(arch, k))
+    dit.set_attention_backend(arch.attention)
+    dit.set_activation_checkpointing(arch.activation_checkpointing)
     return dit
 
 

@@ -15,6 +15,7 @@ feed-forward, transformer block, final layer, NextDiT, presets.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lumina_illus.config import check
+from lumina_illus.config import check, checkpointed_blocks, normalize_checkpointing
 from lumina_illus.models.attention import BACKENDS, varlen_attention
 from lumina_illus.models.packing import PackPlan, Segments, patchify, plan_packing, unpatchify
 from lumina_illus.models.rope import apply_rope, rope_cos_sin
@@ -50,8 +51,10 @@ class NextDiTConfig:
     axes_dims: tuple[int, int, int] = (32, 32, 32)  # RoPE channels per axis (caption idx, row, col); sum = head_dim
     axes_lens: tuple[int, int, int] = (300, 512, 512)  # largest position per axis (the original's RoPE tables)
     rope_theta: float = 10000.0
-    attention: str = "auto"  # "auto" (flash-attn varlen on CUDA when installed, else SDPA) | "flash" | "sdpa"
-    activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
+    # the two runtime fields below change how the model runs, not what it is
+    attention: str = "auto"  # "auto" (CUDA: flash-attn, else torch_varlen, else SDPA) | "flash" | "torch_varlen" | "sdpa"
+    # recompute blocks in backward (torch.utils.checkpoint): false | true | fraction | "every_K" (config.checkpointed_blocks)
+    activation_checkpointing: bool | float | str = False
 
     def __post_init__(self) -> None:
         self.axes_dims = tuple(self.axes_dims)
@@ -64,6 +67,7 @@ class NextDiTConfig:
             f"{list(self.axes_dims)} must be even and sum to head_dim {self.head_dim}",
         )
         check(self.attention in BACKENDS, "attention", f"{self.attention!r} must be one of {list(BACKENDS)}")
+        normalize_checkpointing(self.activation_checkpointing)  # raises naming the key
         for name in ("patch_size", "in_channels", "n_layers", "multiple_of", "cap_feat_dim"):
             check(getattr(self, name) > 0, name, "must be positive")
         check(self.n_refiner_layers >= 0, "n_refiner_layers", "must be >= 0")
@@ -168,6 +172,7 @@ class JointTransformerBlock(nn.Module):
         self.attention_norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn_norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.modulation = modulation
+        self.recompute = False  # activation checkpointing of this block (NextDiT.set_activation_checkpointing)
         if modulation:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
 
@@ -219,6 +224,7 @@ class NextDiT(nn.Module):
         self.norm_final = RMSNorm(d, eps=cfg.norm_eps)
         self.norm_final.weight.requires_grad_(False)
         self.final_layer = FinalLayer(cfg)
+        self.set_activation_checkpointing(cfg.activation_checkpointing)
         self.init_weights()
 
     @torch.no_grad()
@@ -244,12 +250,33 @@ class NextDiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute every transformer block during backward (saves activation memory, ~+33% compute)."""
-        self.config.activation_checkpointing = enabled
+    def blocks(self) -> list[JointTransformerBlock]:
+        """Every transformer block in forward order: context refiner, noise refiner, main layers."""
+        return [*self.context_refiner, *self.noise_refiner, *self.layers]
 
-    def _block(self, block: nn.Module, *args: Any) -> torch.Tensor:
-        if self.config.activation_checkpointing and torch.is_grad_enabled():
+    def set_activation_checkpointing(self, spec: bool | float | str) -> None:
+        """Recompute blocks during backward instead of keeping their activations: True every block
+        (~+33% compute), a fraction or "every_K" a subset (lumina_illus.config.checkpointed_blocks)."""
+        for block, on in zip(self.blocks(), checkpointed_blocks(spec, len(self.blocks()))):
+            block.recompute = on
+        self.config.activation_checkpointing = normalize_checkpointing(spec)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Attention backend of every block (attention.BACKENDS); "auto" picks per call."""
+        check(backend in BACKENDS, "attention", f"{backend!r} must be one of {list(BACKENDS)}")
+        for block in self.blocks():
+            block.attention.backend = backend
+        self.config.attention = backend
+
+    def compile_blocks(self) -> None:
+        """torch.compile each transformer block in place (as torchtitan does; parameter names unchanged)
+        with dynamic shapes: packed batches change the token count, sequence count and longest
+        sequence every step, which must not recompile every step."""
+        for block in self.blocks():
+            block.compile(dynamic=True)
+
+    def _block(self, block: JointTransformerBlock, *args: Any) -> torch.Tensor:
+        if block.recompute and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
@@ -331,6 +358,8 @@ class NextDiT(nn.Module):
         from lumina_illus.models.checkpoint_io import load_checkpoint
 
         state, cfg = load_checkpoint(path)
+        # a checkpoint holds the model, not how its run ran (backend, recompute): those start at defaults
+        cfg = dataclasses.replace(cfg, attention="auto", activation_checkpointing=False)
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(state, assign=True)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lumina_illus.config import check, from_dict
+from lumina_illus.config import ConfigError, check, from_dict
 from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
 from lumina_illus.models import sdxl_checkpoint as ckpt_io
 from lumina_illus.models.vae import LatentCodec, VAEConfig, torch_dtype
@@ -358,6 +358,9 @@ class SDXLFamily:
 
     def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts:
         m: SDXLConfig = cfg.model
+        if not isinstance(cfg.train.activation_checkpointing, bool):
+            raise ConfigError(f"{cfg.source}: train.activation_checkpointing = {cfg.train.activation_checkpointing!r}: "
+                              "the SDXL family checkpoints all blocks or none (false/true, 'off'/'full')")
         comps = load_components(m.pretrained, m.components, where=f"{cfg.source}: model.pretrained")
         train_te = cfg.optim.text_encoder_lr is not None
         # model.vae.path replaces the checkpoint's own VAE (e.g. an fp16-fixed one)
