@@ -7,6 +7,7 @@ CRC of sample keys and captions) as an uninterrupted run, under ZeRO-2 and ZeRO-
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import signal
@@ -39,9 +40,35 @@ def launch(cfg: Path, *overrides: str, ranks: int = 2, script: str = "launch/tra
     return proc
 
 
+def shm_pattern(proc: subprocess.Popen) -> str:
+    """Glob of the /dev/shm segments DeepSpeed's CPU allreduce creates for the run `proc`, one per rank
+    (deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, see train.engine.shm_buffer_path)."""
+    return f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"
+
+
 def shm_segments(proc: subprocess.Popen) -> list[Path]:
     """DeepSpeed CPU allreduce segments left in /dev/shm by the run `proc` (named by its master port)."""
-    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
+    return sorted(Path("/dev/shm").glob(shm_pattern(proc)))
+
+
+def shm_mappings(proc: subprocess.Popen) -> dict[str, bool]:
+    """The segments matching shm_pattern(proc) that the run's live processes (its session) have mapped,
+    read from /proc/<pid>/maps: {segment name: unlinked already (the kernel marks it "(deleted)")}."""
+    found: dict[str, bool] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            session = int(stat.read_text().rsplit(")", 1)[1].split()[3])  # fields after comm: state ppid pgrp session
+            maps = (stat.parent / "maps").read_text() if session == proc.pid else ""
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+            path = fields[5] if len(fields) == 6 else ""
+            deleted = path.endswith(" (deleted)")
+            path = path.removesuffix(" (deleted)")
+            if path.startswith("/dev/shm/") and fnmatch.fnmatchcase(path[len("/dev/shm/") :], shm_pattern(proc)):
+                found[path[len("/dev/shm/") :]] = deleted
+    return found
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
@@ -90,6 +117,11 @@ def test_sigkill_and_resume_reproduces_losses_and_data(world, zero):
     run_dir = world.parent / "runs" / f"{name}_kill"
     proc = launch(world, f"run.name={name}_kill", *common)
     _wait_for_step(run_dir, 4, proc)  # the checkpoint of step 3 is complete before step 4 logs
+    # positive control for the leak check below: while the ranks train, they map one allreduce segment
+    # per rank under exactly the names shm_segments looks for, already unlinked from /dev/shm
+    mapped = shm_mappings(proc)
+    assert sorted(name.rsplit("_", 1)[1] for name in mapped) == ["0", "1"], mapped
+    assert all(mapped.values()) and shm_segments(proc) == [], mapped
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run_dir / "ckpt" / "latest").read_text() == "step_0000003"
