@@ -268,12 +268,13 @@ class NextDiT(nn.Module):
             block.attention.backend = backend
         self.config.attention = backend
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile each transformer block in place (as torchtitan does; parameter names unchanged)
         with dynamic shapes: packed batches change the token count, sequence count and longest
-        sequence every step, which must not recompile every step."""
+        sequence every step, which must not recompile every step (only sizes 0 and 1 specialise:
+        a pack of one sample, captions of one token). `backend`: torch.compile's."""
         for block in self.blocks():
-            block.compile(dynamic=True)
+            block.compile(dynamic=True, backend=backend)
 
     def _block(self, block: JointTransformerBlock, *args: Any) -> torch.Tensor:
         if block.recompute and torch.is_grad_enabled():
