@@ -130,7 +130,9 @@ def open_source(path: Path) -> tuple[Image.Image, int, int, bytes]:
     try:
         img, h, w = open_image(data)
     except DecodeError as e:
-        raise Refused(_refusal_reason(path, data, e), str(e), path) from None
+        reason = _refusal_reason(path, data, e)
+        msg = f"not an image format PIL can read ({e})" if reason == "unsupported_type" else str(e)
+        raise Refused(reason, msg, path) from None
     return img, h, w, data
 
 
