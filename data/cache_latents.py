@@ -81,7 +81,7 @@ def cached_samples(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", type=Path, help="run config (data.shards, buckets, model.vae)")
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--samples-per-shard", type=int, default=1000)

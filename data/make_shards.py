@@ -125,7 +125,7 @@ def samples(records: list[dict[str, Any]], root: Path, refusals: Refusals, conve
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", type=Path, help="folder of images (+ .txt/.json) or a .csv/.parquet index")
     ap.add_argument("out_dir", type=Path, help="where shards and manifest.json go")
     ap.add_argument("--samples-per-shard", type=int, default=1000)
@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.source.is_dir():
         (records, unused), root = folder_records(args.source, exclude=args.out_dir), args.source
     elif args.source.suffix in (".csv", ".parquet") and args.source.is_file():
-        records, root = index_records(args.source), args.source.parent
+        try:
+            records, root = index_records(args.source), args.source.parent
+        except ValueError as e:  # the index itself is unusable (no 'image' column)
+            ap.error(str(e))
     else:
         ap.error(f"{args.source}: neither a folder nor a .csv/.parquet file")
     if not records:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import io
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from PIL import Image, ImageOps
 from lumina_illus.config import DataConfig
 from lumina_illus.data.buckets import all_buckets, assign_bucket
 
+ROOT = Path(__file__).resolve().parents[1]
 SKIMAGE_DIR = Path(skimage.data.__file__).parent  # the photographs inside the installed wheel
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "hubble_deep_field.jpg",
           "motorcycle_left.png")
@@ -40,6 +43,12 @@ BUCKETS = dict(min_area=32 * 32, max_area=96 * 96, area_step=16, bucket_step=8, 
 _UNDO = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
          8: Image.Transpose.ROTATE_270}
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """data/<script> as a user runs it (fresh interpreter, offline, one thread), whatever its exit status."""
+    return subprocess.run([sys.executable, str(ROOT / "data" / script), *args], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 @dataclass

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from photo_corpus import BUCKETS, build_corpus, reference_rgb, refused_images
+from photo_corpus import BUCKETS, build_corpus, reference_rgb, refused_images, run_script
 
 from lumina_illus.config import DataConfig
 from lumina_illus.data import build_loader
@@ -24,12 +22,6 @@ from lumina_illus.data.cursor import merge_states
 from lumina_illus.data.shards import iter_tar
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "data" / script), *args], capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def sharded(tmp_path_factory):
     """(corpus, shard folder, make_shards' CompletedProcess), made once for the module."""
     tmp = tmp_path_factory.mktemp("corpus")
     corpus = build_corpus(tmp / "src")
-    p = run("make_shards.py", str(corpus.root), str(tmp / "shards"), "--samples-per-shard", "5")
+    p = run_script("make_shards.py", str(corpus.root), str(tmp / "shards"), "--samples-per-shard", "5")
     return corpus, tmp / "shards", p
 
 
@@ -128,7 +120,7 @@ def test_annotate_colors_survives_the_corpus(sharded, tmp_path: Path) -> None:
     corpus, _, _ = sharded
     src = tmp_path / "src"
     shutil.copytree(corpus.root, src, symlinks=True)
-    p = run("annotate_colors.py", str(src), "--workers", "2")
+    p = run_script("annotate_colors.py", str(src), "--workers", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads((src / "color_refused.json").read_text())
     got = {os.path.relpath(f["path"], src): f["reason"] for f in rep["files"]}

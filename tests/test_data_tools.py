@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from photo_corpus import run_script
 from PIL import Image
 
 from lumina_illus.config import DataConfig
@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, str(ROOT / "data" / script), *args], capture_output=True, text=True,
-                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    p = run_script(script, *args)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -88,8 +87,7 @@ def test_make_shards_from_folder_and_csv(tmp_path: Path) -> None:
 
 def test_make_shards_names_bad_index(tmp_path: Path) -> None:
     (tmp_path / "i.csv").write_text("path,caption\nx.png,hi\n")
-    p = subprocess.run([sys.executable, str(ROOT / "data" / "make_shards.py"), str(tmp_path / "i.csv"),
-                        str(tmp_path / "o")], capture_output=True, text=True)
+    p = run_script("make_shards.py", str(tmp_path / "i.csv"), str(tmp_path / "o"))
     assert p.returncode != 0 and "i.csv" in p.stderr and "'image'" in p.stderr
 
 
@@ -174,12 +172,6 @@ def test_cache_latents_with_text_embeds(tmp_path: Path) -> None:
         torch.testing.assert_close(b.text_embeds[0], feats[0][mask[0]], atol=1e-5, rtol=1e-5)
 
 
-def run_any(script: str, *args: str) -> subprocess.CompletedProcess:
-    """The script as a user runs it, whatever its exit status."""
-    return subprocess.run([sys.executable, str(ROOT / "data" / script), *args], capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
-
-
 def _png(path: Path, seed: int, size: tuple[int, int] = (96, 64), mode: str = "RGB", fmt: str = "PNG") -> None:
     a = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(a).convert(mode).save(path, fmt)
@@ -213,7 +205,7 @@ def test_make_shards_refuses_bad_sidecars_and_files_by_path_and_goes_on(tmp_path
     (src / "gone.png").symlink_to(src / "nowhere.png")
     (src / "lonely.txt").write_text("no image")
 
-    p = run_any("make_shards.py", str(src), str(tmp_path / "out"))
+    p = run_script("make_shards.py", str(src), str(tmp_path / "out"))
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads((tmp_path / "out" / "refused.json").read_text())
     got = {f["path"]: (f["reason"], f["message"]) for f in rep["files"]}
@@ -242,13 +234,13 @@ def test_make_shards_refuses_bad_sidecars_and_files_by_path_and_goes_on(tmp_path
         with Image.open(src / name) as ref, Image.open(io.BytesIO(s.files["png"])) as conv:
             assert conv.format == "PNG" and conv.mode == ref.mode and np.array_equal(np.asarray(conv.convert("RGB")), np.asarray(ref.convert("RGB")))
 
-    strict = run_any("make_shards.py", str(src), str(tmp_path / "strict"), "--strict")
+    strict = run_script("make_shards.py", str(src), str(tmp_path / "strict"), "--strict")
     assert strict.returncode == 1 and "--strict" in strict.stderr
     assert (tmp_path / "strict" / "shard-000000.tar").is_file()  # written all the same
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "zero.jpg").write_bytes(b"")
-    nothing = run_any("make_shards.py", str(bad), str(tmp_path / "nothing"))
+    nothing = run_script("make_shards.py", str(bad), str(tmp_path / "nothing"))
     assert nothing.returncode == 1 and "nothing usable" in nothing.stderr and "zero.jpg" in nothing.stderr
 
 
@@ -256,7 +248,7 @@ def test_make_shards_index_with_byte_order_mark_and_a_bad_json_cell(tmp_path: Pa
     make_folder(tmp_path / "src", n=2)
     (tmp_path / "src" / "i.csv").write_text('image,caption,json\nimg0.png,first,\nimg1.png,second,{"bucket": "tall"}\n'
                                             'img1.png,third,{oops\n', encoding="utf-8-sig")  # as spreadsheets save
-    p = run_any("make_shards.py", str(tmp_path / "src" / "i.csv"), str(tmp_path / "o"))
+    p = run_script("make_shards.py", str(tmp_path / "src" / "i.csv"), str(tmp_path / "o"))
     assert p.returncode == 0, p.stderr[-3000:]
     got = list(iter_tar(str(tmp_path / "o" / "shard-000000.tar")))
     assert [g.files["txt"] for g in got] == [b"first"]
@@ -291,7 +283,7 @@ def test_annotate_colors_refuses_bad_sidecars_and_tokens_every_good_image(tmp_pa
     (src / "img3.json").write_bytes(b'{"tags": ["caf\xe9"]}')  # not UTF-8
     (src / "img4.json").write_text(json.dumps({"tags": ["x"], "bucket": "portrait"}))  # a field of the wrong type
     (src / "img5.json").write_bytes(b"\xef\xbb\xbf" + (src / "img5.json").read_bytes())  # a byte-order mark: fine
-    p = run_any("annotate_colors.py", str(src), "--workers", "2")
+    p = run_script("annotate_colors.py", str(src), "--workers", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads((src / "color_refused.json").read_text())
     assert len(rep["files"]) == 4 and {f["path"]: f["reason"] for f in rep["files"]} == {
@@ -303,7 +295,7 @@ def test_annotate_colors_refuses_bad_sidecars_and_tokens_every_good_image(tmp_pa
         meta = json.loads((src / f"img{i}.json").read_text(encoding="utf-8-sig"))
         assert len(meta["control"]) == 6, i
     assert (src / "img2.json").read_text() == '{"tags": {"character": ["c2"]'  # left as it was
-    assert run_any("annotate_colors.py", str(src), "--workers", "1", "--strict").returncode == 1
+    assert run_script("annotate_colors.py", str(src), "--workers", "1", "--strict").returncode == 1
 
 
 def test_cache_latents_refuses_bad_samples_and_short_shards_and_goes_on(tmp_path: Path) -> None:
@@ -331,7 +323,7 @@ def test_cache_latents_refuses_bad_samples_and_short_shards_and_goes_on(tmp_path
     cfg_path.write_text(yaml.safe_dump({"family": "lumina2", "model": {"arch": {"preset": "tiny"},
                                                                        "vae": {"path": str(vae_dir)}}, "data": data}))
     args = (str(cfg_path), str(tmp_path / "latents"), "--dtype", "fp32", "--device", "cpu")
-    p = run_any("cache_latents.py", *args)
+    p = run_script("cache_latents.py", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "1 latent samples" in p.stdout
     rep = json.loads((tmp_path / "latents" / "refused.json").read_text())
@@ -341,12 +333,12 @@ def test_cache_latents_refuses_bad_samples_and_short_shards_and_goes_on(tmp_path
                           (str(short), "", "truncated_tar")])
     for key in ("corrupt", "nocap", "badjson"):
         assert f"{key} left out" in p.stderr
-    assert run_any("cache_latents.py", *args, "--strict").returncode == 1
+    assert run_script("cache_latents.py", *args, "--strict").returncode == 1
 
 
 @pytest.mark.parametrize("script", ["make_shards.py", "annotate_colors.py", "cache_latents.py"])
 def test_scripts_help_and_docstring_command(script: str) -> None:
-    p = run_any(script, "--help")
-    assert p.returncode == 0 and "--strict" in p.stdout, p.stderr[-2000:]
+    p = run_script(script, "--help")
+    assert p.returncode == 0 and "--strict" in p.stdout and "refused" in p.stdout, p.stderr[-2000:]
     doc = (ROOT / "data" / script).read_text().split('"""')[1]
     assert doc.startswith(f"python data/{script} ") and "[--strict]" in doc.splitlines()[0]
