@@ -28,6 +28,7 @@ from lumina_illus.train.checkpoint import Checkpointer, TrainState
 from lumina_illus.train.data_health import SkipGuard, TooManyBadSamples, examples
 from lumina_illus.train.ema import ShardedEMA
 from lumina_illus.train.engine import DistEnv, build_engine, init_distributed, set_lr
+from lumina_illus.train.precision import precision_report
 from lumina_illus.train.rng import seed_everything
 from lumina_illus.train.schedule import lr_factor
 from lumina_illus.train.signals import StopFlag
@@ -111,6 +112,7 @@ def train(cfg: RunConfig) -> TrainState:
     skip_guard = SkipGuard(cfg.data)  # data.max_skip_fraction over the last data.skip_window samples
     peak = peak_flops(cfg, env.device)
     batches = iter(loader)
+    reported_precision = False
     engine.train()
     try:
         while state.step < cfg.train.max_steps:
@@ -157,6 +159,9 @@ def train(cfg: RunConfig) -> TrainState:
             tel.log(state.step, metrics, write=state.step % cfg.telemetry.log_every == 0 or not applied)
             if not applied:
                 tel.event(state.step, "skipped_step", nonfinite_loss=g["nonfinite_loss"], grad_norm=grad_norm)
+            elif not reported_precision:  # the dtypes DeepSpeed really holds, once the Adam states exist
+                tel.event(state.step, "precision", **precision_report(engine))
+                reported_precision = True
 
             if cfg.sampling.every_steps and state.step % cfg.sampling.every_steps == 0:
                 grid = hooks.sample_grid(cfg, engine, parts, env.rank)
