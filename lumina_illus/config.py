@@ -165,6 +165,26 @@ class RunSection:
 
 
 @dataclass
+class CaptionConfig:
+    """Options of the caption builder (lumina_illus/data/captions.py), `data.caption` in a run config."""
+
+    keep_order: list[str] = field(default_factory=lambda: ["character", "copyright"])  # first, in order
+    tag_dropout: float = 0.0  # probability of dropping each shuffled tag (kept categories never)
+    caption_dropout: float = 0.1  # probability of the whole caption becoming "" (Lumina-2 recipe)
+    nl_prob: float = 0.5  # natural-language caption alone (when the sample has one and tags)
+    nl_and_tags_prob: float = 0.0  # tags followed by the natural-language caption
+    underscores_to_spaces: bool = True  # "long_hair" -> "long hair" (short emoticon tags like "^_^" kept)
+    control_tokens: bool = True  # insert the json's control tokens (annotate_colors.py)
+    control_dropout: float = 0.0  # probability of dropping each control token
+    separator: str = ", "
+
+    def __post_init__(self) -> None:
+        for k in ("tag_dropout", "caption_dropout", "nl_prob", "nl_and_tags_prob", "control_dropout"):
+            check(0.0 <= getattr(self, k) <= 1.0, k, "must be in [0, 1]")
+        check(self.nl_prob + self.nl_and_tags_prob <= 1.0, "nl_prob", "+ nl_and_tags_prob must be <= 1")
+
+
+@dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # tar paths, globs, brace patterns or "pipe:cmd"
     cached_latents: bool = False  # shards hold VAE latents (data/cache_latents.py) instead of images
@@ -219,8 +239,6 @@ class DataConfig:
             "token_budget",
             f"must hold one image of max_area ({max_tokens} tokens)",
         )
-        from lumina_illus.data.captions import CaptionConfig  # local: data imports this module
-
         try:
             from_dict(CaptionConfig, self.caption, where="caption", prefix="caption.")
         except ConfigError as e:
