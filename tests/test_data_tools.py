@@ -342,3 +342,12 @@ def test_scripts_help_and_docstring_command(script: str) -> None:
     assert p.returncode == 0 and "--strict" in p.stdout and "refused" in p.stdout, p.stderr[-2000:]
     doc = (ROOT / "data" / script).read_text().split('"""')[1]
     assert doc.startswith(f"python data/{script} ") and "[--strict]" in doc.splitlines()[0]
+
+
+def test_make_shards_into_a_folder_inside_the_source_ignores_its_own_output(tmp_path: Path) -> None:
+    make_folder(tmp_path / "src", n=3)
+    out = tmp_path / "src" / "shards"
+    run("make_shards.py", str(tmp_path / "src"), str(out))
+    again = run("make_shards.py", str(tmp_path / "src"), str(out))  # shard-*.tar, manifest and report are not input
+    rep = json.loads((out / "refused.json").read_text())
+    assert [f["path"] for f in rep["files"]] == [str(tmp_path / "src" / "broken.png")] and "3 samples" in again.stdout
