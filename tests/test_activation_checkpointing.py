@@ -4,14 +4,13 @@ real 1-rank DeepSpeed training run on the tiny world (lumina_illus.train.tiny_ru
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import yaml
 from test_train_resume import finish, launch, read_log  # the trainer's run harness
 
 from lumina_illus.config import ConfigError, checkpointed_blocks, config_from_raw, normalize_checkpointing
+from lumina_illus.models.activation_memory import SavedActivations
 from lumina_illus.models.nextdit import NextDiT, nextdit_tiny
 
 torch.set_num_threads(1)
@@ -41,46 +40,6 @@ def test_setting_values_and_block_choice():
         config_from_raw({**raw, "model": {"arch": {"preset": "tiny", "activation_checkpointing": 2.0}}}, "run.yaml")
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for y in x:
-            yield from _tensors(y)
-    elif dataclasses.is_dataclass(x):
-        for f in dataclasses.fields(x):
-            yield from _tensors(getattr(x, f.name))
-
-
-def saved_activation_bytes(model: NextDiT, run):
-    """Bytes of the tensors autograd keeps for backward while `run()` builds the graph: what
-    saved_tensors_hooks see (distinct storages, parameters excluded) plus the inputs that a
-    checkpointed block holds to recompute itself (which no hook sees)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> None:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        keep(t)
-        return t
-
-    def held_inputs(block, args) -> None:
-        if block.recompute and torch.is_grad_enabled():
-            for t in _tensors(args):
-                keep(t)
-
-    hooks = [b.register_forward_pre_hook(held_inputs) for b in model.blocks()]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    for h in hooks:
-        h.remove()
-    return sum(seen.values()), out  # (bytes, what run() returned)
-
-
 def test_selective_checkpointing_same_numbers_less_memory():
     """Every setting gives the plain numbers (outputs and gradients within 1e-6) and keeps fewer
     activations than the one before: off > every other block > full."""
@@ -97,9 +56,10 @@ def test_selective_checkpointing_same_numbers_less_memory():
     def step(spec):
         model.set_activation_checkpointing(spec)
         model.zero_grad()
-        nbytes, out = saved_activation_bytes(model, lambda: model(latents, t, feats, mask))
+        with SavedActivations(model) as saved:
+            out = model(latents, t, feats, mask)
         sum(o.square().sum() for o in out).backward()
-        return nbytes, [*out, *(p.grad.clone() for p in model.parameters() if p.requires_grad)]
+        return saved.nbytes, [*out, *(p.grad.clone() for p in model.parameters() if p.requires_grad)]
 
     base_bytes, base = step(False)
     saved = {}
@@ -111,26 +71,43 @@ def test_selective_checkpointing_same_numbers_less_memory():
     assert saved[True] < 0.25 * base_bytes  # what is left: block inputs and the layers around the blocks
 
 
+COMMON = ["train.max_steps=5", "train.global_batch=4", "train.micro_batch=2", "train.grad_accum=2",
+          "checkpoint.every_steps=0", "checkpoint.resume=none"]
+
+
+def run_losses(world, name: str, *overrides: str) -> tuple[list[tuple[float, float]], str, dict]:
+    """One 1-rank run of the tiny world: ([(loss, grad norm) per step], its output, its config.yaml)."""
+    proc = launch(world, f"run.name={name}", *COMMON, *overrides, ranks=1, launcher=["bash"])
+    out = finish(proc, timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    run_dir = world.parent / "runs" / name
+    steps, _ = read_log(run_dir)
+    losses = [(steps[s]["train/loss"], steps[s]["train/grad_norm"]) for s in sorted(steps)]
+    return losses, out, yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
 def test_real_training_run_same_losses_with_checkpointing(world):
     """1 rank of real DeepSpeed (ZeRO-2, fp32) on the tiny world, 5 steps of 2 micro-batches of 2
     images: per-step losses and grad norms with full and selective checkpointing equal the run without
     (within 1e-6), and config.yaml names the attention backend that ran."""
-    common = ["train.max_steps=5", "train.global_batch=4", "train.micro_batch=2", "train.grad_accum=2",
-              "checkpoint.every_steps=0", "checkpoint.resume=none"]
     runs = {}
-    for name, spec in (("ac_off", "off"), ("ac_full", "full"), ("ac_every2", "every_2")):
-        proc = launch(world, f"run.name={name}", f"train.activation_checkpointing={spec}", *common,
-                      ranks=1, launcher=["bash"])
-        out = finish(proc, timeout=300)
-        assert proc.returncode == 0, out[-3000:]
-        run_dir = world.parent / "runs" / name
-        steps, _ = read_log(run_dir)
-        runs[name] = [(steps[s]["train/loss"], steps[s]["train/grad_norm"]) for s in sorted(steps)]
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for name, spec, recompute in (("ac_off", "off", 0), ("ac_full", "full", 4), ("ac_every2", "every_2", 2)):
+        runs[name], out, saved = run_losses(world, name, f"train.activation_checkpointing={spec}")
         assert saved["model"]["arch"]["attention"] == "sdpa"
-        recompute = {"ac_off": 0, "ac_full": 4, "ac_every2": 2}[name]
         assert f"attention backend sdpa (asked: auto), activation checkpointing {recompute}/4 blocks" in out
     assert len(runs["ac_off"]) == 5
     for name in ("ac_full", "ac_every2"):
         for (loss, gn), (loss0, gn0) in zip(runs[name], runs["ac_off"]):
             assert abs(loss - loss0) <= 1e-6 and abs(gn - gn0) <= 1e-6, (name, runs[name], runs["ac_off"])
+
+
+@pytest.mark.slow
+def test_real_training_run_with_compiled_blocks(world):
+    """model.compile under DeepSpeed with selective checkpointing: the losses of the eager run (1e-5);
+    about a minute of inductor compilation when its cache is cold."""
+    eager, _, _ = run_losses(world, "eager_every2", "train.activation_checkpointing=every_2")
+    compiled, out, saved = run_losses(world, "compiled_every2", "train.activation_checkpointing=every_2",
+                                      "model.compile=true")
+    assert "compile True" in out and saved["model"]["compile"] is True
+    for (loss, gn), (loss0, gn0) in zip(compiled, eager, strict=True):
+        assert abs(loss - loss0) <= 1e-5 and abs(gn - gn0) <= 1e-5, (compiled, eager)
