@@ -59,7 +59,8 @@ Tools (scripts in data/, each with --help):
 
 Modules: shards.py (read/write tar shards, `write_shards(samples, out_dir, samples_per_shard)`),
 decode.py (robust image decoding), buckets.py (aspect buckets, resize+crop), captions.py (caption
-builder, json schema), control.py (colour statistics and control tokens), packing.py (batch forming),
+builder, json schema), sources.py (the data scripts' folder scan, strict sidecar readers, json field
+checks and refused-file reports), reasons.py (every skip reason), control.py (colour statistics and control tokens), packing.py (batch forming),
 cursor.py (the resumable global cursor), stream.py (per-worker pipeline), loader.py (build_loader).
 """
 
