@@ -87,7 +87,8 @@ class TrainingParts:
 
     module: nn.Module  # handed to deepspeed.initialize: owns exactly the trainable parameters
     param_groups: list[dict[str, Any]]  # optimizer groups {"params", "lr", "name"}; trainable only
-    prepare: Callable[[Batch, torch.Generator], dict[str, Any]]  # -> kwargs of module.forward
+    # (batch, generator, t=None) -> kwargs of module.forward; t (B,) in Lumina time fixes the noise levels
+    prepare: Callable[..., dict[str, Any]]
     flops: Callable[[Batch], float]  # model FLOPs (forward + backward) of this micro-batch, for MFU
     export: Callable[[dict[str, torch.Tensor], Path, dict[str, Any]], list[Path]]
     generator: Callable[[nn.Module], Generator]  # sampler using the given (live or EMA) module weights

@@ -38,7 +38,8 @@ def test_every_logged_metric_has_a_panel(spec):
 def test_panels_and_axes(spec):
     sections = spec["spec"]["section"]["panelBankConfig"]["sections"]
     assert [s["name"] for s in sections] == ["Loss", "Loss per t-bin (t=0 noise, t=1 data)", "Throughput and MFU",
-                                             "Data wait and stragglers", "Data", "Character recall", "Samples"]
+                                             "Data wait and stragglers", "Data", "Validation (held-out, fixed t and noise)",
+                                             "Character recall", "Samples"]
     lines = [p for s in sections for p in s["panels"] if p["viewType"] == "Run History Line Plot"]
     assert lines and all(p["config"]["xAxis"] == M.SAMPLES_SEEN for p in lines)
     recall = [p for p in lines if p["config"]["metrics"] == [M.CHAR_RECALL]]

@@ -54,6 +54,10 @@ def build_workspace(entity: str, project: str, name: str = "lumina_illus trainin
             line("packing efficiency (image tokens / budget)", [M.DATA_PACKING]),
             line("image tokens per micro-batch", [M.DATA_TOKENS_PER_MICRO]),
         ]),
+        ws.Section(name="Validation (held-out, fixed t and noise)", is_open=True, panels=[
+            line("validation loss", [M.VAL_LOSS]), line("validation loss per t-bin", list(M.VAL_LOSS_T)),
+            line("held-out samples evaluated / unreadable", [M.VAL_SAMPLES, M.VAL_SKIPPED]),
+        ]),
         ws.Section(name="Character recall", is_open=True, panels=[
             line("character recall vs image samples seen", [M.CHAR_RECALL]),
             wr.MediaBrowser(title="recall curve (eval/char_recall.py)", media_keys=[CURVE_IMAGE]),

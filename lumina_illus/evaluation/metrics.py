@@ -44,6 +44,17 @@ def shard_errors_key(reason: str) -> str:
     return DATA_SHARD_ERRORS_PREFIX + reason
 
 
+# validation (lumina_illus/train/validation.py): fixed held-out samples, t values and noise
+VAL_LOSS = "val/loss"  # mean over every (sample, t) pair
+VAL_LOSS_T = tuple(f"val/loss_t{i}" for i in range(LOSS_T_BINS))  # by the t bin of each pair
+VAL_SAMPLES = "val/samples"  # held-out samples evaluated
+VAL_SKIPPED = "val/skipped"  # held-out samples that could not be read (bad data)
+
+
+def val_loss_t_key(t: float) -> str:
+    return VAL_LOSS_T[LOSS_T.index(loss_t_key(t))]
+
+
 # evaluation
 CHAR_RECALL = "eval/char_recall"  # mean character recall of the in-training char_recall
 SAMPLE_GRID = "samples/grid"  # wandb.Image of the sample grid
@@ -58,4 +69,5 @@ def loss_t_key(t: float) -> str:
 
 ALL = (LOSS, *LOSS_T, GRAD_NORM, LR, SAMPLES_SEEN, SKIPPED_STEPS, IMAGES_PER_S, TOKENS_PER_S, MFU,
        DATA_WAIT_FRAC, STEP_TIME_SPREAD, MEM_GB, DATA_SKIPPED, DATA_SHARD_ERRORS, DATA_SKIP_FRACTION, DATA_EPOCH,
-       DATA_SAMPLES_PER_EPOCH, DATA_PACKING, DATA_TOKENS_PER_MICRO, CHAR_RECALL, SAMPLE_GRID)
+       DATA_SAMPLES_PER_EPOCH, DATA_PACKING, DATA_TOKENS_PER_MICRO, VAL_LOSS, *VAL_LOSS_T, VAL_SAMPLES, VAL_SKIPPED,
+       CHAR_RECALL, SAMPLE_GRID)

@@ -150,7 +150,7 @@ class Lumina2Family:
             )
         patch = dit.config.patch_size
 
-        def prepare(batch: Batch, generator: torch.Generator) -> dict[str, Any]:
+        def prepare(batch: Batch, generator: torch.Generator, t: torch.Tensor | None = None) -> dict[str, Any]:
             with torch.no_grad():
                 if batch.latents is not None:
                     latents = [z.to(device, torch.float32) for z in batch.latents]
@@ -158,7 +158,8 @@ class Lumina2Family:
                     latents = codec.encode([img.to(device) for img in batch.images])
                 else:
                     raise ValueError(f"batch {batch.keys[:3]}...: holds neither images nor latents")
-                t = objective.sample_t([z.shape[1] * z.shape[2] // patch**2 for z in latents], generator)
+                if t is None:  # given: validation's fixed noise levels
+                    t = objective.sample_t([z.shape[1] * z.shape[2] // patch**2 for z in latents], generator)
                 noise = objective.sample_noise(latents, generator)
                 inputs: dict[str, Any] = {"latents": latents, "noise": noise, "t": t.to(device)}
                 if trains_te:

@@ -395,7 +395,7 @@ class SDXLFamily:
         flops = UNetFlops(dict(comps.unet.config),
                           [comps.text_encoder.config, comps.text_encoder_2.config] if train_te else None)
 
-        def prepare(batch: Batch, generator: torch.Generator) -> dict[str, Any]:
+        def prepare(batch: Batch, generator: torch.Generator, t: torch.Tensor | None = None) -> dict[str, Any]:
             if batch.latents is not None:
                 lat = batch.latents
             elif batch.images is not None:
@@ -407,7 +407,10 @@ class SDXLFamily:
                 raise ValueError(f"sdxl: a micro-batch must hold one size, got {sorted(shapes)}; "
                                  f"set data.batching: bucket in {cfg.source}")
             x0 = torch.stack(lat).to(device, torch.float32)  # (B, 4, h, w)
-            ts = sample_timesteps(m.objective, len(batch), generator).to(device)  # (B,)
+            if t is None:
+                ts = sample_timesteps(m.objective, len(batch), generator).to(device)  # (B,)
+            else:  # validation's fixed noise levels, given in Lumina time
+                ts = schedule.timesteps_for(t.to(device))  # (B,)
             noise = sample_noise(m.objective, x0, generator)  # (B, 4, h, w)
             out = {
                 "noisy": schedule.add_noise(x0, noise, ts),

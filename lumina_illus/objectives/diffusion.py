@@ -137,6 +137,11 @@ class NoiseSchedule:
             w = torch.clamp(snr, max=gamma) / (snr + 1.0)
         return w.float()
 
+    def timesteps_for(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) int64 DDPM timesteps whose lumina_t is nearest each t (Lumina time, 0 = noise)."""
+        all_t = self.lumina_t(torch.arange(len(self.alphas_cumprod), device=t.device))  # (T,)
+        return (all_t[None, :] - t.float()[:, None]).abs().argmin(dim=1)
+
     def lumina_t(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(B,) float32 Lumina time (0 = noise, 1 = data) with the same SNR as each DDPM timestep.
         The only conversion between the two time conventions (see the module docstring)."""

@@ -43,6 +43,7 @@ from lumina_illus.train.telemetry import (
 )
 
 
+from lumina_illus.train.validation import ValidationSet
 class TooManyBadSteps(RuntimeError):
     """Raised after train.max_bad_steps consecutive non-finite steps (a checkpoint was written)."""
 
@@ -70,6 +71,7 @@ class Built:
     universal: bool  # resumed from a state saved by another world size (DeepSpeed universal load)
     git: dict[str, Any]
 
+    val: ValidationSet | None
 
 def build_run(cfg: RunConfig) -> Built:
     """Collective: join the process group, build model, engine, loader and EMA, and restore the resume
@@ -90,11 +92,14 @@ def build_run(cfg: RunConfig) -> Built:
     ema = ShardedEMA(engine.module, cfg.ema, env.rank, env.world_size) if cfg.ema.enabled else None
     # the t and noise draws of `prepare`: one stream per rank, saved in checkpoints
     gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank)
+    # held-out loss: under ZeRO-3 every forward is collective, so every rank evaluates every sample
+    val = (ValidationSet(cfg, env.rank, env.world_size, every_rank_all=engine.zero_optimization_partition_weights())
+           if cfg.validation.every_steps else None)
     generators = {"prepare": gen}
     state = TrainState()
     if resume is not None:
         state = ckpt.load(resume, engine, ema, loader, generators)
-    return Built(env, parts, engine, loader, ema, generators, ckpt, state, resume, universal, git)
+    return Built(env, parts, engine, loader, ema, generators, ckpt, state, resume, universal, val, git)
 
 
 def train(cfg: RunConfig) -> TrainState:
@@ -180,6 +185,8 @@ def train(cfg: RunConfig) -> TrainState:
             export = ckpt.export_due(state.step, save_state) or final
             if save_state or export:
                 path = ckpt.save(engine, state, resume_state=save_state, export=export, parts=parts,
+            if b.val is not None and state.step % cfg.validation.every_steps == 0:
+                tel.record(state.step, b.val.evaluate(engine.module, parts.prepare))  # collective
                                  ema=ema, loader=loader, generators=generators)
                 tel.event(state.step, "checkpoint", path=str(path), resume_state=save_state, export=export)
             if g["stop"]:
