@@ -29,17 +29,12 @@ def count_params() -> dict[str, int]:
     from transformers import Gemma2Config, Gemma2Model
 
     from lumina_illus.models.nextdit import NextDiT, nextdit_2b
+    from lumina_illus.models.tiny import FLUX_VAE, GEMMA2_2B
 
     with torch.device("meta"):
         dit = NextDiT(nextdit_2b())
-        # google/gemma-2-2b config.json (the fields that size the network)
-        gemma = Gemma2Model(Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
-                                         num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                                         head_dim=256))
-        # black-forest-labs/FLUX.1-dev vae/config.json
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                            layers_per_block=2, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+        gemma = Gemma2Model(Gemma2Config(**GEMMA2_2B))  # google/gemma-2-2b config.json
+        vae = AutoencoderKL(**FLUX_VAE)  # black-forest-labs/FLUX.1-dev vae/config.json
     return {
         "dit_total": sum(p.numel() for p in dit.parameters()),
         "dit_trainable": sum(p.numel() for p in dit.parameters() if p.requires_grad),
