@@ -40,7 +40,7 @@ def weights_of(step_dir: Path, family: str, ema: bool) -> Path:
             if cand.exists():
                 return cand
         raise FileNotFoundError(f"{d}: no {DIFFUSERS_DIR}/ or {SINGLE_FILE_NAME} (an SDXL export)")
-    return d  # lumina2: NextDiT.from_pretrained finds the layout in the folder
+    return d  # lumina2: checkpoint_io.load_nextdit finds the layout in the folder
 
 
 def evaluate_checkpoint(step_dir: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import torch
 from lumina_illus.config import ConfigError, config_from_raw, to_dict
 from lumina_illus.data.batch import Batch
 from lumina_illus.families import Generator, LossOutput, detect_family, get_family
+from lumina_illus.models.checkpoint_io import save_nextdit
 from lumina_illus.models.lumina2 import FAMILY, Lumina2Config
 from lumina_illus.models.nextdit import NextDiT
 from lumina_illus.models.tiny import make_tiny_flux_vae, make_tiny_gemma2
@@ -184,7 +185,7 @@ def test_export_detect_and_load_generator_round_trip(paths, tmp_path):
 
 def test_foreign_checkpoint_needs_component_paths(paths, tmp_path):
     model = NextDiT(Lumina2Config(arch={"preset": "tiny"}).nextdit())
-    model.save_pretrained(tmp_path / "transformer", layout="diffusers")  # no lumina_illus metadata
+    save_nextdit(model, tmp_path / "transformer", layout="diffusers")  # no lumina_illus metadata
     with pytest.raises(ValueError, match="no text_encoder path.*text_encoder_path"):
         FAMILY.load_generator(tmp_path / "transformer")
     gen = FAMILY.load_generator(tmp_path / "transformer", text_encoder_path=paths["gemma"], vae_path=paths["vae"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lumina_illus.models.checkpoint_io import save_nextdit
 from lumina_illus.models.nextdit import NextDiT, nextdit_tiny
 from lumina_illus.models.text_encoder import (
     LUMINA_SYSTEM_PROMPT,
@@ -115,7 +116,7 @@ def parts(tmp_path_factory):
     vae = make_tiny_flux_vae(root / "vae")
     torch.manual_seed(0)
     dit = _randomize(NextDiT(nextdit_tiny()))
-    dit.save_pretrained(root / "transformer", layout="diffusers")
+    save_nextdit(dit, root / "transformer", layout="diffusers")
     te = GemmaTextEncoder(TextEncoderConfig(path=str(gemma)))
     codec = LatentCodec(VAEConfig(path=str(vae)))
     return {"root": root, "gemma": gemma, "vae": vae, "dit": dit, "te": te, "codec": codec}

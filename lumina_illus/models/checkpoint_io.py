@@ -7,11 +7,19 @@ Layouts (our module's own parameter names ARE the original layout):
   diffusers  folder with config.json + diffusion_pytorch_model.safetensors, loadable by
              `diffusers.Lumina2Transformer2DModel.from_pretrained`; q/k/v split, no norm_final
              (set to ones, its initial value, when read back).
+  official   the folder the official `sample.py` of Lumina-Image-2.0 reads with `--ckpt DIR`:
+             consolidated.00-of-01.pth (original keys, torch.save) and model_args.pth (the pickled
+             argparse.Namespace whose `.model` names the NextDiT factory of the official models/model.py,
+             e.g. NextDiT_2B_GQA_patch2_Adaln_Refiner); consolidated_ema.00-of-01.pth beside them when
+             present is the EMA. Read: the non-EMA file (`load_checkpoint(..., ema=True)`: the EMA one),
+             model_args.pth with weights_only=True (argparse.Namespace allow-listed) and its factory's
+             architecture checked against the weights. Written only for the official architectures.
 
 File names we write (stable; the Lumina family's export and `load_generator` rely on them):
   <dir>/lumina2.safetensors         original layout
   <dir>/lumina2_comfy.safetensors   ComfyUI layout
   <dir>/diffusers/                  diffusers folder (export_layouts); save_layout("diffusers") writes <dir> itself
+  <dir>/official/                   official folder (export_layouts); save_layout("official") writes <dir> itself
 
 Every safetensors file we write carries our NextDiTConfig as JSON under the header key "nextdit_config"
 and, when given, the run metadata as JSON under families.METADATA_KEY ("lumina_illus"). Files from
@@ -20,6 +28,8 @@ elsewhere have no config: it is inferred from the tensor shapes (`infer_config`)
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -32,13 +42,62 @@ from safetensors.torch import save_file
 from lumina_illus.families import METADATA_KEY
 from lumina_illus.models.nextdit import NextDiT, NextDiTConfig
 
-LAYOUTS = ("original", "diffusers", "comfy")
+LAYOUTS = ("original", "diffusers", "comfy", "official")
 ORIGINAL_FILE = "lumina2.safetensors"
 COMFY_FILE = "lumina2_comfy.safetensors"
 DIFFUSERS_DIR = "diffusers"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 COMFY_PREFIX = "model.diffusion_model."
 CONFIG_KEY = "nextdit_config"
+OFFICIAL_DIR = "official"
+OFFICIAL_WEIGHTS = "consolidated.00-of-01.pth"
+OFFICIAL_EMA_WEIGHTS = "consolidated_ema.00-of-01.pth"
+OFFICIAL_ARGS = "model_args.pth"
+# the NextDiT factories of the official models/model.py (Alpha-VLLM/Lumina-Image-2.0), which its
+# sample.py calls as factory(in_channels=16, qk_norm=True, cap_feat_dim=<text encoder hidden size>);
+# every other field keeps the official NextDiT default (= our NextDiTConfig default)
+OFFICIAL_FACTORIES: dict[str, dict[str, Any]] = {
+    "NextDiT_2B_GQA_patch2_Adaln_Refiner": dict(dim=2304, n_layers=26, n_heads=24, n_kv_heads=8, axes_dims=(32, 32, 32)),
+    "NextDiT_3B_GQA_patch2_Adaln_Refiner": dict(dim=2592, n_layers=30, n_heads=24, n_kv_heads=8, axes_dims=(36, 36, 36)),
+    "NextDiT_4B_GQA_patch2_Adaln_Refiner": dict(dim=2880, n_layers=32, n_heads=24, n_kv_heads=8, axes_dims=(40, 40, 40)),
+    "NextDiT_7B_GQA_patch2_Adaln_Refiner": dict(dim=3840, n_layers=32, n_heads=32, n_kv_heads=8, axes_dims=(40, 40, 40)),
+}
+_RUNTIME_FIELDS = ("attention", "activation_checkpointing")
+
+
+def official_config(factory: str, cap_feat_dim: int) -> NextDiTConfig:
+    """The NextDiTConfig the official sample.py builds with `factory` (KeyError if it is not one)."""
+    return NextDiTConfig(**OFFICIAL_FACTORIES[factory], in_channels=16, cap_feat_dim=cap_feat_dim)
+
+
+def _architecture(cfg: NextDiTConfig) -> dict[str, Any]:
+    """What the weights are: the FFN size itself, not the rounding rule that produced it."""
+    skip = (*_RUNTIME_FIELDS, "multiple_of", "ffn_dim_multiplier")
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "ffn_hidden": cfg.ffn_hidden}
+
+
+def official_factory(cfg: NextDiTConfig) -> str:
+    """The official factory building exactly `cfg`'s architecture; CheckpointError when none does."""
+    for name in OFFICIAL_FACTORIES:
+        if _architecture(official_config(name, cfg.cap_feat_dim)) == _architecture(cfg):
+            return name
+    raise CheckpointError(
+        f"the official layout needs one of the official architectures ({', '.join(OFFICIAL_FACTORIES)}); "
+        f"this model (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads, in_channels "
+        f"{cfg.in_channels}, ...) is none of them: the official sample.py could not build it")
+
+
+def read_model_args(path: Path) -> argparse.Namespace:
+    """model_args.pth of an official folder, unpickled with weights_only=True (only argparse.Namespace
+    and plain values allowed: a pickle cannot run code here)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            args = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError naming the disallowed global, or a corrupt file
+        raise CheckpointError(f"{path}: cannot read as an official model_args.pth (weights_only): {e}") from None
+    if not isinstance(args, argparse.Namespace) or not isinstance(getattr(args, "model", None), str):
+        raise CheckpointError(f"{path}: expected an argparse.Namespace with a 'model' name, got {type(args).__name__}")
+    return args
 
 # original -> diffusers renames inside a block; modulated blocks keep attention_norm1 inside norm1
 _BLOCK_RENAMES = [
@@ -277,12 +336,20 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     raise CheckpointError(f"{path}: unsupported file type {path.suffix!r} (use .safetensors or .pth)")
 
 
-def _find_weights(path: Path) -> tuple[list[Path], Path | None]:
-    """Weight files and (for diffusers folders) config.json of a file or folder."""
+def _find_weights(path: Path, ema: bool = False) -> tuple[list[Path], Path | None]:
+    """Weight files and (for diffusers folders) config.json, or (official folders) model_args.pth."""
     if path.is_file():
         return [path], None
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if (path / OFFICIAL_ARGS).is_file():
+        weights = path / (OFFICIAL_EMA_WEIGHTS if ema else OFFICIAL_WEIGHTS)
+        shards = sorted(path.glob("consolidated.*-of-*.pth"))
+        if not weights.is_file():
+            found = sorted(p.name for p in path.glob("consolidated*.pth"))
+            raise CheckpointError(f"{path}: an official folder ({OFFICIAL_ARGS}) without {weights.name}; found {found}"
+                                  + (" (model-parallel shards: merge them first)" if len(shards) > 1 else ""))
+        return [weights], path / OFFICIAL_ARGS
     if (path / "config.json").is_file():
         shards = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
         if shards:
@@ -292,6 +359,8 @@ def _find_weights(path: Path) -> tuple[list[Path], Path | None]:
             return [path / name], None
     if (path / DIFFUSERS_DIR / "config.json").is_file():
         return _find_weights(path / DIFFUSERS_DIR)
+    if (path / OFFICIAL_DIR / OFFICIAL_ARGS).is_file():
+        return _find_weights(path / OFFICIAL_DIR, ema)
     candidates = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth"))
     if len(candidates) == 1:
         return candidates, None
@@ -301,10 +370,11 @@ def _find_weights(path: Path) -> tuple[list[Path], Path | None]:
     )
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
-    """Any layout -> (original-layout state dict, config), with keys checked against the model."""
+def load_checkpoint(path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+    """Any layout -> (original-layout state dict, config), with keys checked against the model.
+    `ema` picks consolidated_ema.00-of-01.pth in an official folder (other layouts keep EMA elsewhere)."""
     path = Path(path)
-    files, config_json = _find_weights(path)
+    files, config_json = _find_weights(path, ema)
     state: dict[str, torch.Tensor] = {}
     header: dict[str, str] = {}
     for f in files:
@@ -314,7 +384,20 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], NextDiTC
     where = str(files[0] if len(files) == 1 else path)
     layout = detect_layout(state.keys())
     original = from_layout(state, layout)
-    if config_json is not None:
+    if config_json is not None and config_json.name == OFFICIAL_ARGS:
+        args = read_model_args(config_json)
+        cfg = infer_config(original, where)
+        if args.model not in OFFICIAL_FACTORIES:
+            raise CheckpointError(f"{config_json}: model {args.model!r} is not an official NextDiT factory "
+                                  f"({', '.join(OFFICIAL_FACTORIES)})")
+        expected = official_config(args.model, cfg.cap_feat_dim)
+        have = _architecture(cfg)
+        diff = {k: (v, have[k]) for k, v in _architecture(expected).items() if have[k] != v}
+        if diff:
+            raise CheckpointError(f"{config_json}: model {args.model!r} does not match the weights in "
+                                  f"{files[0].name} (field: factory value, weights value): {diff}")
+        cfg = expected
+    elif config_json is not None:
         cfg = from_diffusers_config(json.loads(config_json.read_text()), str(config_json))
     elif CONFIG_KEY in header:
         cfg = NextDiTConfig(**json.loads(header[CONFIG_KEY]))
@@ -358,6 +441,15 @@ def save_layout(
     header = {"format": "pt", CONFIG_KEY: json.dumps(cfg.to_dict())}
     if metadata is not None:
         header[METADATA_KEY] = json.dumps(metadata)
+    if layout == "official":
+        factory = official_factory(cfg)
+        weights = out_dir / OFFICIAL_WEIGHTS
+        tmp = weights.with_name(weights.name + ".tmp")
+        torch.save(tensors, tmp)  # what the official sample.py torch.loads
+        tmp.replace(weights)
+        args = argparse.Namespace(model=factory, qk_norm=True, model_parallel_size=1, lumina_illus=header)
+        torch.save(args, out_dir / OFFICIAL_ARGS)
+        return [weights, out_dir / OFFICIAL_ARGS]
     if layout == "diffusers":
         weights = out_dir / DIFFUSERS_WEIGHTS
         _save_atomic(tensors, weights, header)
@@ -373,12 +465,12 @@ def export_layouts(
     state_dict: dict[str, torch.Tensor],
     config: NextDiTConfig,
     out_dir: str | Path,
-    layouts: list[str] | tuple[str, ...] = LAYOUTS,
+    layouts: list[str] | tuple[str, ...] = ("original", "diffusers", "comfy"),
     metadata: dict[str, Any] | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
 ) -> list[Path]:
     """Export one set of weights in several layouts: out_dir/lumina2.safetensors (original),
-    out_dir/lumina2_comfy.safetensors (comfy), out_dir/diffusers/ (diffusers folder).
+    out_dir/lumina2_comfy.safetensors (comfy), out_dir/diffusers/ (diffusers folder), out_dir/official/.
     A state dict without `norm_final.weight` (e.g. gathered trainable parameters only) gets ones."""
     out_dir = Path(out_dir)
     state = dict(state_dict)
@@ -386,7 +478,7 @@ def export_layouts(
         state["norm_final.weight"] = torch.ones(config.dim)
     paths: list[Path] = []
     for layout in layouts:
-        target = out_dir / DIFFUSERS_DIR if layout == "diffusers" else out_dir
+        target = out_dir / {"diffusers": DIFFUSERS_DIR, "official": OFFICIAL_DIR}.get(layout, "")
         paths += save_layout(state, config, target, layout, metadata=metadata, dtype=dtype)
     return paths
 
@@ -400,3 +492,27 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, header: dict[str,
 def _check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# models (nextdit.py holds the architecture only; reading and writing files lives here)
+
+
+def load_nextdit(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                 ema: bool = False) -> NextDiT:
+    """A NextDiT from any layout (original, diffusers folder, ComfyUI file, official folder), detected
+    automatically. The checkpoint holds the model, not how its run ran: the attention backend and
+    activation checkpointing start at their defaults."""
+    state, cfg = load_checkpoint(path, ema=ema)
+    cfg = dataclasses.replace(cfg, attention="auto", activation_checkpointing=False)
+    with torch.device("meta"):
+        model = NextDiT(cfg)
+    model.load_state_dict(state, assign=True)
+    model.norm_final.weight.requires_grad_(False)
+    return model.to(device=device, dtype=dtype)
+
+
+def save_nextdit(model: NextDiT, out_dir: str | Path, layout: str = "original",
+                 metadata: dict[str, Any] | None = None) -> list[Path]:
+    """Write a NextDiT's weights in `layout` under out_dir (file names in the module docstring)."""
+    return save_layout(model.state_dict(), model.config, Path(out_dir), layout, metadata=metadata, dtype=None)

@@ -4,7 +4,7 @@ Run config `model:` section (validated by `Lumina2Config`):
 
     model:
       arch: {preset: tiny}            # or NextDiTConfig fields, or {preset: 2b, attention: sdpa}
-      pretrained: /models/lumina2     # any layout NextDiT.from_pretrained reads; null: random init
+      pretrained: /models/lumina2     # any layout checkpoint_io.load_nextdit reads; null: random init
       text_encoder: {path: /models/gemma-2-2b}
       vae: {path: /models/flux-ae}
       objective: {timestep: logit_normal, shift: resolution}
@@ -30,6 +30,7 @@ from torch import nn
 from lumina_illus.config import ConfigError, from_dict
 from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
 from lumina_illus.models.attention import resolve_backend
+from lumina_illus.models.checkpoint_io import CheckpointError, load_nextdit, official_factory
 from lumina_illus.models.nextdit import NextDiT, NextDiTConfig, nextdit_2b, nextdit_tiny
 from lumina_illus.models.text_encoder import GemmaTextEncoder, TextEncoderConfig
 from lumina_illus.models.vae import LatentCodec, VAEConfig
@@ -111,6 +112,11 @@ class Lumina2Family:
     def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts:
         mc: Lumina2Config = cfg.model
         dit = build_dit(mc, cfg.source).to(device)
+        if "official" in cfg.checkpoint.export_layouts:
+            try:  # the official sample.py builds only its own factories: refuse now, not at the first export
+                official_factory(dit.config)
+            except CheckpointError as e:
+                raise ConfigError(f"{cfg.source}: checkpoint.export_layouts has 'official' but {e}") from None
         # "auto" becomes the backend that will run, in the run config itself, so that config.yaml and
         # the W&B config name it (DeepSpeed bf16 casts the model, and so q/k/v, to bf16)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -242,7 +248,7 @@ class Lumina2Family:
             raise TypeError(f"load_generator: unknown options {sorted(unknown)}; sampler fields: {sorted(sampler_fields)}")
         sampler = dataclasses.replace(model_cfg.sampler, **kwargs)
 
-        dit = NextDiT.from_pretrained(weights, dtype=torch_dtype(dtype_name), device=device).eval()
+        dit = load_nextdit(weights, dtype=torch_dtype(dtype_name), device=device).eval()
         dit.requires_grad_(False)
         te = GemmaTextEncoder(te_cfg, device)
         te_file = (weights if weights.is_dir() else weights.parent) / TEXT_ENCODER_FILE
@@ -291,7 +297,7 @@ def build_dit(mc: Lumina2Config, where: str = "<config>") -> NextDiT:
         return NextDiT(arch)
     if not Path(mc.pretrained).exists():
         raise FileNotFoundError(f"{where}: model.pretrained: {mc.pretrained} does not exist")
-    dit = NextDiT.from_pretrained(mc.pretrained, dtype=torch.float32)
+    dit = load_nextdit(mc.pretrained, dtype=torch.float32)
     given = {k for k in mc.arch if k != "preset"}
     for k in sorted(given - _RUNTIME_FIELDS):
         if getattr(arch, k) != getattr(dit.config, k):

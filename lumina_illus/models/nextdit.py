@@ -15,10 +15,8 @@ feed-forward, transformer block, final layer, NextDiT, presets.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -349,31 +347,6 @@ class NextDiT(nn.Module):
         total += 2 * cap_tokens * cfg.cap_feat_dim * d  # caption embedder
         total += 2 * (256 * cfg.adaln_dim + cfg.adaln_dim**2) + 2 * cfg.adaln_dim * d  # t MLP, final adaLN
         return float(total)
-
-    # checkpoint I/O lives in checkpoint_io.py; these are the entry points users call
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-    ) -> NextDiT:
-        """Load any of the three layouts (original, diffusers folder, ComfyUI file); detected automatically."""
-        from lumina_illus.models.checkpoint_io import load_checkpoint
-
-        state, cfg = load_checkpoint(path)
-        # a checkpoint holds the model, not how its run ran (backend, recompute): those start at defaults
-        cfg = dataclasses.replace(cfg, attention="auto", activation_checkpointing=False)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict(state, assign=True)
-        model.norm_final.weight.requires_grad_(False)
-        return model.to(device=device, dtype=dtype)
-
-    def save_pretrained(
-        self, out_dir: str | Path, layout: str = "original", metadata: dict[str, Any] | None = None
-    ) -> list[Path]:
-        """Write the weights in `layout` ("original" | "diffusers" | "comfy") under out_dir; see checkpoint_io."""
-        from lumina_illus.models.checkpoint_io import save_layout
-
-        return save_layout(self.state_dict(), self.config, Path(out_dir), layout, metadata=metadata, dtype=None)
 
 
 # presets
