@@ -392,6 +392,36 @@ class EvalConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) on the family's trainable network (Lumina-2: the NextDiT, SDXL: the UNet);
+    the base weights freeze and stay out of the optimizer (lumina_illus/models/lora.py)."""
+
+    enabled: bool = False
+    rank: int = 16  # r: inner width of every adapter
+    alpha: float = 16.0  # the update is (alpha / rank) * up @ down, the scale ComfyUI and kohya apply
+    dropout: float = 0.0  # dropout on the adapter's input (peft lora_dropout)
+    # fnmatch patterns over module names of the network (e.g. "layers.*.attention.qkv"); the Linear
+    # layers any pattern matches get an adapter; empty: the family's default (attention + FFN)
+    targets: list[str] = field(default_factory=list)
+    init: Literal["default", "gaussian"] = "default"  # peft init_lora_weights: up = 0 (kaiming down) | gaussian down
+    # training timesteps of a LoRA run: None keeps the objective's own; "uniform" | "logit_normal" replaces it
+    # (SDXL: objective.timestep_sampling, Lumina-2: objective.timestep), the seed's low-SNR idea for v-pred LoRA
+    timestep_sampling: str | None = None
+    formats: list[str] = field(default_factory=lambda: ["comfy", "peft"])  # LoRA files written at each export
+    export_merged: bool = False  # also write the full merged weights (base + LoRA) in checkpoint.export_layouts
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 1, "rank", "must be >= 1")
+        check(self.alpha > 0, "alpha", "must be > 0")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(self.timestep_sampling in (None, "uniform", "logit_normal"), "timestep_sampling",
+              "must be null, 'uniform' or 'logit_normal'")
+        unknown = sorted(set(self.formats) - {"comfy", "peft"})
+        check(not unknown, "formats", f"unknown formats {unknown} (comfy, peft)")
+        check(bool(self.formats) or self.export_merged, "formats", "must name a format unless export_merged is true")
+
+
+@dataclass
 class RunConfig:
     family: str  # "lumina2" | "sdxl" (families.py)
     model: Any  # the family's own config dataclass (validated by the family's config class)
@@ -431,6 +461,7 @@ class ValidationConfig:
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # ---------------------------------------------------------------------------------------------

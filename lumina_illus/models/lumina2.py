@@ -12,7 +12,8 @@ Run config `model:` section (validated by `Lumina2Config`):
 
 The training module owns exactly the trainable parameters: the NextDiT (`dit.*`) and, only when
 `text_encoder.trainable`, Gemma (`text_encoder.*`, its own LR group). The VAE and a frozen Gemma
-live beside it and run in `prepare` under no_grad.
+live beside it and run in `prepare` under no_grad. With `lora.enabled` the NextDiT is frozen and only
+its adapters (models/lora.py, default targets LORA_TARGETS) train and export.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lumina_illus.config import ConfigError, from_dict
 from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
 from lumina_illus.models.attention import resolve_backend
 from lumina_illus.models.checkpoint_io import CheckpointError, load_nextdit, official_factory
+from lumina_illus.models.lora import KOHYA_FILE, apply_lora, export_lora, merge_kohya_file
 from lumina_illus.models.nextdit import NextDiT, NextDiTConfig, nextdit_2b, nextdit_tiny
 from lumina_illus.models.text_encoder import GemmaTextEncoder, TextEncoderConfig
 from lumina_illus.models.vae import LatentCodec, VAEConfig
@@ -45,6 +47,8 @@ PRESETS = {"2b": nextdit_2b, "tiny": nextdit_tiny}
 TEXT_ENCODER_FILE = "text_encoder.safetensors"  # fine-tuned Gemma weights beside the DiT export
 # NextDiTConfig fields that change how the model runs, not what it is: allowed beside `pretrained`
 _RUNTIME_FIELDS = {"attention", "activation_checkpointing"}
+# LoRA targets when lora.targets is empty: attention and SwiGLU of every block (main, both refiners)
+LORA_TARGETS = ["*.attention.qkv", "*.attention.out", "*.feed_forward.w*"]
 
 
 @dataclass
@@ -117,6 +121,14 @@ class Lumina2Family:
                 official_factory(dit.config)
             except CheckpointError as e:
                 raise ConfigError(f"{cfg.source}: checkpoint.export_layouts has 'official' but {e}") from None
+        peft_cfg = None
+        if cfg.lora.enabled:
+            if mc.text_encoder.trainable:
+                raise ConfigError(f"{cfg.source}: lora.enabled with model.text_encoder.trainable: a LoRA run trains "
+                                  "adapters on the NextDiT only; set model.text_encoder.trainable: false")
+            if cfg.lora.timestep_sampling is not None:  # in the run config itself, so config.yaml shows it
+                mc.objective.timestep = cfg.lora.timestep_sampling
+            peft_cfg = apply_lora(dit, cfg.lora, LORA_TARGETS, cfg.source)  # base frozen, adapters trainable
         # "auto" becomes the backend that will run, in the run config itself, so that config.yaml and
         # the W&B config name it (DeepSpeed bf16 casts the model, and so q/k/v, to bf16)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -192,7 +204,13 @@ class Lumina2Family:
             return 3.0 * total
 
         def export(state_dict: dict[str, torch.Tensor], out_dir: Path, metadata: dict[str, Any]) -> list[Path]:
-            return export_weights(state_dict, dit.config, Path(out_dir), metadata, cfg.checkpoint.export_layouts)
+            def full(sd: dict[str, torch.Tensor]) -> list[Path]:
+                return export_weights(sd, dit.config, Path(out_dir), metadata, cfg.checkpoint.export_layouts)
+
+            if peft_cfg is None:
+                return full(state_dict)
+            return export_lora(state_dict, Path(out_dir), metadata, cfg.lora, peft_cfg, prefix="dit.",
+                               kohya_names=kohya_names, write_full=full)
 
         def generator(live: nn.Module) -> LuminaGenerator:
             live = getattr(live, "module", live)  # a DeepSpeed engine holds the module
@@ -247,6 +265,15 @@ class Lumina2Family:
         if unknown:
             raise TypeError(f"load_generator: unknown options {sorted(unknown)}; sampler fields: {sorted(sampler_fields)}")
         sampler = dataclasses.replace(model_cfg.sampler, **kwargs)
+        if _lora_only(weights):  # a LoRA run's export: its base model with the adapters merged in
+            if not model_cfg.pretrained:
+                raise ValueError(f"{path}: a LoRA export over a randomly initialised NextDiT (no model.pretrained "
+                                 "in its metadata): there is no base model to merge it into")
+            gen = self.load_generator(model_cfg.pretrained, device, text_encoder_path=te_cfg.path,
+                                      vae_path=vae_cfg.path, dtype=dtype_name, **dataclasses.asdict(sampler))
+            linear = [n for n, m in gen.model.named_modules() if isinstance(m, nn.Linear)]
+            merge_kohya_file(gen.model, weights / KOHYA_FILE, kohya_names(linear))
+            return gen
 
         dit = load_nextdit(weights, dtype=torch_dtype(dtype_name), device=device).eval()
         dit.requires_grad_(False)
@@ -350,6 +377,20 @@ def export_weights(
         save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)})
         paths.append(path)
     return paths
+
+
+def kohya_names(modules: list[str]) -> dict[str, str]:
+    """NextDiT module name -> kohya LoRA key stem: `lora_unet_` + the original-layout name with dots as
+    underscores (sd-scripts' Lumina naming; ComfyUI maps `lora_unet_` + every `diffusion_model.` key)."""
+    return {n: "lora_unet_" + n.replace(".", "_") for n in modules}
+
+
+def _lora_only(path: Path) -> bool:
+    """An export folder holding a LoRA and no full NextDiT weights."""
+    from lumina_illus.models.checkpoint_io import COMFY_FILE, DIFFUSERS_DIR, ORIGINAL_FILE
+
+    return path.is_dir() and (path / KOHYA_FILE).is_file() and not any(
+        (path / f).exists() for f in (ORIGINAL_FILE, COMFY_FILE, DIFFUSERS_DIR))
 
 
 def _has_weights(path: Path) -> bool:

@@ -14,7 +14,8 @@ vector comes from the first chunk. A batch pads shorter prompts with empty chunk
 
 Frozen parts (VAE, and the text encoders when optim.text_encoder_lr is None) live outside the
 training module and run under no_grad in `prepare`; trainable text encoders sit in the module next to
-the UNet with their own learning rate.
+the UNet with their own learning rate. With `lora.enabled` the UNet is frozen and only its adapters
+(models/lora.py, default targets LORA_TARGETS) train and export, under sd-scripts' key names.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from lumina_illus.config import ConfigError, check, from_dict
 from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
 from lumina_illus.models import sdxl_checkpoint as ckpt_io
+from lumina_illus.models.lora import KOHYA_FILE, apply_lora, export_lora, merge_kohya_file
 from lumina_illus.models.vae import LatentCodec, VAEConfig, torch_dtype
 from lumina_illus.objectives.diffusion import DiffusionConfig, NoiseSchedule, sample_noise, sample_timesteps
 from lumina_illus.sampling.diffusion import DiffusionSamplerConfig, SDXLGenerator
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 SINGLE_FILE_NAME = "sdxl.safetensors"  # community single file inside an export folder
 DIFFUSERS_DIR = "diffusers"  # diffusers pipeline folder inside an export folder
 CHUNK = 75  # text tokens per CLIP chunk (77 with BOS/EOS)
+# LoRA targets when lora.targets is empty: every Linear inside the transformer blocks (proj_in/out,
+# attention q/k/v/out, feed-forward), the modules sd-scripts' networks.lora adapts in an SDXL UNet
+LORA_TARGETS = ["*attentions.*"]
 
 
 def _sdxl_vae() -> VAEConfig:
@@ -382,9 +387,18 @@ class SDXLFamily:
             unused = _clip_l_unused(comps.text_encoder)
             for p in unused:
                 p.requires_grad_(False)
+        peft_cfg = None
+        if cfg.lora.enabled:
+            if train_te:
+                raise ConfigError(f"{cfg.source}: lora.enabled with optim.text_encoder_lr set: a LoRA run trains "
+                                  "adapters on the UNet only; remove optim.text_encoder_lr")
+            if cfg.lora.timestep_sampling is not None:  # in the run config itself, so config.yaml shows it
+                m.objective.timestep_sampling = cfg.lora.timestep_sampling
+            peft_cfg = apply_lora(comps.unet, cfg.lora, LORA_TARGETS, cfg.source)  # base frozen, adapters trainable
         module = SDXLTrainModule(comps.unet, comps.text_encoder if train_te else None,
                                  comps.text_encoder_2 if train_te else None)
-        groups = [{"params": list(comps.unet.parameters()), "lr": cfg.optim.lr, "name": "unet"}]
+        groups = [{"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": cfg.optim.lr,
+                   "name": "unet_lora" if peft_cfg is not None else "unet"}]
         if train_te:
             te_params = [p for te in (comps.text_encoder, comps.text_encoder_2) for p in te.parameters() if p.requires_grad]
             groups.append({"params": te_params,
@@ -392,7 +406,8 @@ class SDXLFamily:
         text = SDXLTextConditioner(comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2,
                                    m.max_text_chunks)
         schedule = NoiseSchedule.from_config(m.objective)
-        flops = UNetFlops(dict(comps.unet.config),
+        unet_cfg = dict(comps.unet.config)
+        flops = UNetFlops(unet_cfg,
                           [comps.text_encoder.config, comps.text_encoder_2.config] if train_te else None)
 
         def prepare(batch: Batch, generator: torch.Generator, t: torch.Tensor | None = None) -> dict[str, Any]:
@@ -441,12 +456,18 @@ class SDXLFamily:
             return sum((x.shape[-2] // f) * (x.shape[-1] // f) for x in xs)
 
         def export(sd: dict[str, torch.Tensor], out: Path, metadata: dict[str, Any]) -> list[Path]:
-            state = _split_state(sd)
-            for name in ("text_encoder", "text_encoder_2"):
-                if name not in state:  # frozen: the loaded weights
-                    state[name] = {k: v.detach().cpu() for k, v in getattr(comps, name).state_dict().items()}
-            state["vae"] = {k: v.detach().cpu() for k, v in codec.vae.state_dict().items()}
-            return export_state(out, state, comps, m, metadata, cfg.checkpoint.export_layouts)
+            def full(sd: dict[str, torch.Tensor]) -> list[Path]:
+                state = _split_state(sd)
+                for name in ("text_encoder", "text_encoder_2"):
+                    if name not in state:  # frozen: the loaded weights
+                        state[name] = {k: v.detach().cpu() for k, v in getattr(comps, name).state_dict().items()}
+                state["vae"] = {k: v.detach().cpu() for k, v in codec.vae.state_dict().items()}
+                return export_state(out, state, comps, m, metadata, cfg.checkpoint.export_layouts)
+
+            if peft_cfg is None:
+                return full(sd)
+            return export_lora(sd, Path(out), metadata, cfg.lora, peft_cfg, prefix="unet.",
+                               kohya_names=lambda names: kohya_names(unet_cfg, names), write_full=full)
 
         def generator(mod: nn.Module) -> SDXLGenerator:
             te1 = mod.text_encoder if mod.text_encoder is not None else comps.text_encoder
@@ -475,17 +496,27 @@ class SDXLFamily:
         if path.is_dir() and (path / "ema").is_dir():
             path = path / "ema"
             meta = read_metadata(path) or meta
+        lora_file = None
         if path.is_dir() and not ckpt_io.is_sdxl_diffusers_folder(path):
             if (path / DIFFUSERS_DIR / "model_index.json").is_file():
                 path = path / DIFFUSERS_DIR
             elif (path / SINGLE_FILE_NAME).is_file():
                 path = path / SINGLE_FILE_NAME
+            elif (path / KOHYA_FILE).is_file():  # a LoRA run's export: merged into its base model below
+                lora_file = path / KOHYA_FILE
             else:
                 raise FileNotFoundError(f"{path}: no {DIFFUSERS_DIR}/ folder or {SINGLE_FILE_NAME} of an SDXL export")
         model_cfg = (meta.get("config") or {}).get("model")
         m = from_dict(SDXLConfig, model_cfg, where=f"{path} (metadata)", prefix="model.") if model_cfg else None
+        if lora_file is not None:
+            if m is None:
+                raise ValueError(f"{lora_file}: no lumina_illus metadata naming the base model of this LoRA")
+            path = Path(m.pretrained)
         components = kwargs.get("components") or (m.components or m.pretrained if m else None)
         comps = load_components(path, components if path.is_file() else None, where=str(path))
+        if lora_file is not None:
+            linear = [n for n, mod in comps.unet.named_modules() if isinstance(mod, nn.Linear)]
+            merge_kohya_file(comps.unet, lora_file, kohya_names(dict(comps.unet.config), linear))
         if m is None:  # a community checkpoint: markers / scheduler config decide the objective
             m = SDXLConfig(pretrained=str(path), components=components)
             sched = path / "scheduler" / "scheduler_config.json"
@@ -512,6 +543,14 @@ class SDXLFamily:
             return any(ckpt_io.is_sdxl_diffusers_folder(d) or ckpt_io.is_sdxl_single_file(d / SINGLE_FILE_NAME)
                        for d in (p, p / DIFFUSERS_DIR))
         return ckpt_io.is_sdxl_single_file(p)
+
+
+def kohya_names(unet_cfg: dict[str, Any], modules: list[str]) -> dict[str, str]:
+    """diffusers UNet module name -> kohya LoRA key stem: `lora_unet_` + its single-file (sgm) name with
+    dots as underscores, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q (sd-scripts' SDXL
+    naming; ComfyUI maps `lora_unet_` + every `diffusion_model.` key of its SDXL model)."""
+    sgm = ckpt_io.unet_key_map(unet_cfg, [n + ".weight" for n in modules])
+    return {n: "lora_unet_" + sgm[n + ".weight"].removesuffix(".weight").replace(".", "_") for n in modules}
 
 
 def export_state(

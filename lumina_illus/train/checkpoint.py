@@ -161,7 +161,9 @@ class Checkpointer:
         return final
 
     def _save_state(self, engine, state, ds_dir: Path, ema, loader, generators) -> None:
-        engine.save_checkpoint(str(ds_dir), tag=DS_TAG, client_state={}, save_latest=False)
+        # a LoRA run's frozen base comes back from model.pretrained (or the seeded init): not saved each time
+        engine.save_checkpoint(str(ds_dir), tag=DS_TAG, client_state={}, save_latest=False,
+                               exclude_frozen_parameters=self.cfg.lora.enabled)
         data_cursor = loader.state_dict()  # collective: the merged global cursor, same on every rank
         _write_json(ds_dir / f"rank_{self.rank:05d}.json", {"rng": rng_state(generators)})
         if ema is not None:
@@ -290,7 +292,8 @@ class Checkpointer:
                 f"before build_engine and pass its answer as load_universal"
             )
         tag = UNIVERSAL_TAG if universal else DS_TAG
-        loaded, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_lr_scheduler_states=False)
+        loaded, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_lr_scheduler_states=False,
+                                           load_module_strict=not self.cfg.lora.enabled)
         if loaded is None:
             raise FileNotFoundError(f"{ds_dir}: DeepSpeed could not load tag {tag!r}")
         state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
