@@ -4,8 +4,10 @@ Python entry of a training run (`launch/train_lu.sh` / `launch/train_sdxl.sh` ru
 parse, build, train, close. Works under any launcher (deepspeed, srun, torchrun) and alone
 (`python train.py CONFIG` trains on one local rank). Exit status 0 on success and after a
 preemption signal (SIGTERM/SIGUSR1: the step finishes and a checkpoint is written first); 2 on a
-config error; 3 when the run stopped itself with a checkpoint (train.max_bad_steps non-finite steps
-in a row, or more bad samples than data.max_skip_fraction).
+config error (also: a rank whose config or git revision differs from rank 0's, refused at start on
+every rank); 3 when the run stopped itself with a checkpoint (train.max_bad_steps non-finite steps in a
+row, or more bad samples than data.max_skip_fraction); 4 when other ranks died or stopped answering
+(the message names them; train.collective_timeout_s bounds the wait).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from lumina_illus.train import train
+    from lumina_illus.train.cluster import PeerLost
     from lumina_illus.train.data_health import TooManyBadSamples
     from lumina_illus.train.loop import TooManyBadSteps
 
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         if dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 3
+    except PeerLost as e:  # on every surviving rank: its own view of who is gone
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -310,10 +310,13 @@ class TrainConfig:
     # in (0, 1) of the blocks, evenly spread, or "every_K" (blocks 0, K, 2K, ...); see checkpointed_blocks
     activation_checkpointing: bool | float | str = False
     max_bad_steps: int = 20  # consecutive NaN/inf steps before the run stops (with a checkpoint)
+    # seconds a collective may wait for the other ranks before it fails (passed to init_process_group);
+    # the ranks still alive then stop with the dead or stuck ones named (train/cluster.py)
+    collective_timeout_s: float = 1800.0
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the derived DeepSpeed JSON
 
     def __post_init__(self) -> None:
-        for k in ("global_batch", "micro_batch", "grad_accum", "max_steps", "max_bad_steps"):
+        for k in ("global_batch", "micro_batch", "grad_accum", "max_steps", "max_bad_steps", "collective_timeout_s"):
             check(getattr(self, k) > 0, k, "must be > 0")
         self.activation_checkpointing = normalize_checkpointing(self.activation_checkpointing)
 
@@ -354,6 +357,8 @@ class TelemetryConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     log_every: int = 1  # steps between log lines
     peak_tflops: float | None = None  # device bf16 peak for MFU; None: detected (H100 SXM: 989)
+    # debug: a data_keys event per step with every rank's sample keys (one extra gather of strings per step)
+    log_sample_keys: bool = False
 
     def __post_init__(self) -> None:
         check(self.log_every >= 1, "log_every", "must be >= 1")

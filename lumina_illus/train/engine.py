@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from deepspeed.accelerator import get_accelerator
 
 from lumina_illus.config import RunConfig
 from lumina_illus.families import TrainingParts
+from lumina_illus.train.cluster import pick_device
 
 
 @dataclass
@@ -41,24 +43,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
+def init_distributed(collective_timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group set up by the launcher (deepspeed, srun, torchrun) or, when the
-    script was started alone (`bash launch/train_lu.sh`, `python train.py`), make a 1-rank group."""
+    script was started alone (`bash launch/train_lu.sh`, `python train.py`), make a 1-rank group.
+    Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (README, Launching); a collective
+    waiting longer than `collective_timeout_s` for the other ranks fails."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         # started without a launcher: a single local rank (DeepSpeed would otherwise try MPI discovery)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     acc = get_accelerator()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+        deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False,
+                                   timeout=timedelta(seconds=collective_timeout_s))
     if acc.device_name() == "cpu":
         release_shm_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if acc.device_name() == "cuda":
-        acc.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device(acc.device_name())
+    device = pick_device(acc.device_name(), local_rank, acc.device_count() if acc.device_name() == "cuda" else 0)
+    if device.type == "cuda":
+        acc.set_device(device.index)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

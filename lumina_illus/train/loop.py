@@ -25,6 +25,7 @@ from lumina_illus.families import TrainingParts, get_family
 from lumina_illus.train import hooks
 from lumina_illus.train.batching import check_batch_arithmetic
 from lumina_illus.train.checkpoint import Checkpointer, TrainState
+from lumina_illus.train.cluster import Peers
 from lumina_illus.train.data_health import SkipGuard, TooManyBadSamples, examples
 from lumina_illus.train.ema import ShardedEMA
 from lumina_illus.train.engine import DistEnv, build_engine, init_distributed, set_lr
@@ -35,6 +36,7 @@ from lumina_illus.train.signals import StopFlag
 from lumina_illus.train.telemetry import (
     StepStats,
     Telemetry,
+    gather_keys,
     gather_stats,
     git_revision,
     memory_gib,
@@ -76,7 +78,7 @@ class Built:
 def build_run(cfg: RunConfig) -> Built:
     """Collective: join the process group, build model, engine, loader and EMA, and restore the resume
     state named by `checkpoint.resume`, if any."""
-    env = init_distributed()
+    env = init_distributed(cfg.train.collective_timeout_s)
     check_batch_arithmetic(cfg, env.world_size)
     seed_everything(cfg.run.seed + env.rank)
     parts = get_family(cfg.family).build_training(cfg, env.device)
@@ -103,7 +105,15 @@ def build_run(cfg: RunConfig) -> Built:
 
 
 def train(cfg: RunConfig) -> TrainState:
-    """Run (or resume) the training described by `cfg`; returns the final train state."""
+    """Run (or resume) the training described by `cfg`; returns the final train state. Refuses to start
+    when the ranks disagree on config or code; stops with PeerLost naming the ranks that died."""
+    env = init_distributed(cfg.train.collective_timeout_s)  # the group build_run joins
+    peers = Peers.join(cfg, env, git_revision())  # collective: same config and code everywhere, or ConfigError
+    with peers.watch():  # a collective failing because other ranks died names them
+        return _train(cfg, peers)
+
+
+def _train(cfg: RunConfig, peers: Peers) -> TrainState:
     b = build_run(cfg)
     env, parts, engine, loader, ema, generators, ckpt, state = (
         b.env, b.parts, b.engine, b.loader, b.ema, b.generators, b.ckpt, b.state)
@@ -111,6 +121,7 @@ def train(cfg: RunConfig) -> TrainState:
     if env.rank == 0:
         save_config(cfg, cfg.run_dir / "config.yaml")
     tel = Telemetry(cfg, env.rank, state.step, git)
+    tel.event(state.step, "distributed", world_size=env.world_size, ranks=peers.table())
     if resume is not None:
         tel.event(state.step, "resumed", path=str(resume), samples_seen=state.samples_seen, universal=b.universal)
     stop = StopFlag()
@@ -151,6 +162,8 @@ def train(cfg: RunConfig) -> TrainState:
             stats.stop = bool(stop)
             stats.save_now = ckpt.due_by_time()
             g = gather_stats(stats, env.device)  # collective: totals and agreed flags
+            if cfg.telemetry.log_sample_keys:
+                tel.event(state.step, "data_keys", keys=gather_keys(stats.keys))  # collective
             state.samples_seen += g["samples"]
             skip_guard.update(g["data"])
 

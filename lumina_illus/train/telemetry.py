@@ -88,6 +88,7 @@ class StepStats:
     bin_count: list[int] = field(default_factory=lambda: [0] * _NB)
     data: list[float] = field(default_factory=lambda: [0.0] * len(DATA_FIELDS))  # loader counts (data_health)
     data_epoch: int = 0  # newest epoch this rank's loader delivered samples of
+    keys: list[str] = field(default_factory=list)  # sample keys of this step, in order (telemetry.log_sample_keys)
 
     def add_data(self, loader_stats: dict[str, Any]) -> None:
         """This rank's cumulative loader counts (Loader.stats()), taken once per step."""
@@ -97,6 +98,7 @@ class StepStats:
     def add_keys(self, keys: list[str], captions: list[str], micro: int) -> None:
         """Fold the sample keys and captions of micro-batch `micro` of this step into `keys_crc`."""
         self.keys_crc += sum(zlib.crc32(f"{k}\n{c}".encode()) * (micro + 1) for k, c in zip(keys, captions))
+        self.keys.extend(keys)
 
     def add_extras(self, extras: dict[str, float]) -> None:
         self.micro_batches += 1
@@ -147,6 +149,14 @@ def gather_stats(stats: StepStats, device: torch.device) -> dict[str, Any]:
         "data": dict(zip(DATA_FIELDS, table[:, n + 2 * _NB :].sum(0).tolist())),  # loader counts, all ranks
         "data_epoch": int(col["data_epoch"].max()),
     }
+
+
+def gather_keys(keys: list[str]) -> list[list[str]]:
+    """Collective: every rank's sample keys of this step, by rank (the debug record of which rank read
+    which sample; one gather of Python objects, so only with telemetry.log_sample_keys)."""
+    out: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(out, keys)
+    return out
 
 
 def step_metrics(g: dict[str, Any], stats: StepStats, *, lr: float, grad_norm: float | None, samples_seen: int,
