@@ -397,6 +397,27 @@ class EvalConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Deterministic held-out loss (lumina_illus/train/validation.py): fixed samples, fixed t values and
+    fixed noise per sample, so one checkpoint always gives the same numbers on any world size."""
+
+    shards: list[str] = field(default_factory=list)  # held-out shards (never in data.shards: checked at start)
+    every_steps: int = 0  # evaluate every N optimizer steps (0: off; eval/val_loss.py works on exports)
+    samples: int = 0  # first N samples of the shards in order (0: all); needs their manifest.json
+    t_values: list[float] = field(default_factory=lambda: [(i + 0.5) / 10 for i in range(10)])  # Lumina t
+    seed: int = 0  # noise seed (with each sample's key)
+    micro_batch: int = 10  # (sample, t) pairs per forward
+
+    def __post_init__(self) -> None:
+        check(self.every_steps >= 0, "every_steps", "must be >= 0")
+        check(self.every_steps == 0 or bool(self.shards), "shards", "must name held-out shards when every_steps > 0")
+        check(self.samples >= 0, "samples", "must be >= 0")
+        check(bool(self.t_values) and all(0.0 <= t <= 1.0 for t in self.t_values), "t_values",
+              "must be a non-empty list of t in [0, 1] (0 = noise, 1 = data)")
+        check(self.micro_batch >= 1, "micro_batch", "must be >= 1")
+
+
+@dataclass
 class LoRAConfig:
     """Low-rank adapters (peft) on the family's trainable network (Lumina-2: the NextDiT, SDXL: the UNet);
     the base weights freeze and stay out of the optimizer (lumina_illus/models/lora.py)."""
@@ -431,27 +452,6 @@ class RunConfig:
     family: str  # "lumina2" | "sdxl" (families.py)
     model: Any  # the family's own config dataclass (validated by the family's config class)
     run: RunSection = field(default_factory=RunSection)
-@dataclass
-class ValidationConfig:
-    """Deterministic held-out loss (lumina_illus/train/validation.py): fixed samples, fixed t values and
-    fixed noise per sample, so one checkpoint always gives the same numbers on any world size."""
-
-    shards: list[str] = field(default_factory=list)  # held-out shards (never in data.shards: checked at start)
-    every_steps: int = 0  # evaluate every N optimizer steps (0: off; eval/val_loss.py works on exports)
-    samples: int = 0  # first N samples of the shards in order (0: all); needs their manifest.json
-    t_values: list[float] = field(default_factory=lambda: [(i + 0.5) / 10 for i in range(10)])  # Lumina t
-    seed: int = 0  # noise seed (with each sample's key)
-    micro_batch: int = 10  # (sample, t) pairs per forward
-
-    def __post_init__(self) -> None:
-        check(self.every_steps >= 0, "every_steps", "must be >= 0")
-        check(self.every_steps == 0 or bool(self.shards), "shards", "must name held-out shards when every_steps > 0")
-        check(self.samples >= 0, "samples", "must be >= 0")
-        check(bool(self.t_values) and all(0.0 <= t <= 1.0 for t in self.t_values), "t_values",
-              "must be a non-empty list of t in [0, 1] (0 = noise, 1 = data)")
-        check(self.micro_batch >= 1, "micro_batch", "must be >= 1")
-
-
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -460,13 +460,13 @@ class ValidationConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     sampling: SampleGridConfig = field(default_factory=SampleGridConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     source: str = "<config>"  # the file this config came from (set by load_config)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # ---------------------------------------------------------------------------------------------

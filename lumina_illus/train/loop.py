@@ -43,9 +43,9 @@ from lumina_illus.train.telemetry import (
     peak_flops,
     step_metrics,
 )
-
-
 from lumina_illus.train.validation import ValidationSet
+
+
 class TooManyBadSteps(RuntimeError):
     """Raised after train.max_bad_steps consecutive non-finite steps (a checkpoint was written)."""
 
@@ -71,9 +71,9 @@ class Built:
     state: TrainState
     resume: Path | None
     universal: bool  # resumed from a state saved by another world size (DeepSpeed universal load)
+    val: ValidationSet | None
     git: dict[str, Any]
 
-    val: ValidationSet | None
 
 def build_run(cfg: RunConfig) -> Built:
     """Collective: join the process group, build model, engine, loader and EMA, and restore the resume
@@ -92,11 +92,11 @@ def build_run(cfg: RunConfig) -> Built:
     loader = build_loader(cfg.data, micro_batch=cfg.train.micro_batch, rank=env.rank,
                           world_size=env.world_size, seed=cfg.run.seed)
     ema = ShardedEMA(engine.module, cfg.ema, env.rank, env.world_size) if cfg.ema.enabled else None
-    # the t and noise draws of `prepare`: one stream per rank, saved in checkpoints
-    gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank)
     # held-out loss: under ZeRO-3 every forward is collective, so every rank evaluates every sample
     val = (ValidationSet(cfg, env.rank, env.world_size, every_rank_all=engine.zero_optimization_partition_weights())
            if cfg.validation.every_steps else None)
+    # the t and noise draws of `prepare`: one stream per rank, saved in checkpoints
+    gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank)
     generators = {"prepare": gen}
     state = TrainState()
     if resume is not None:
@@ -185,6 +185,8 @@ def _train(cfg: RunConfig, peers: Peers) -> TrainState:
                 grid = hooks.sample_grid(cfg, engine, parts, env.rank)
                 if grid is not None:
                     tel.grid(state.step, grid)
+            if b.val is not None and state.step % cfg.validation.every_steps == 0:
+                tel.record(state.step, b.val.evaluate(engine.module, parts.prepare))  # collective
             if cfg.eval.char_recall_every and state.step % cfg.eval.char_recall_every == 0:
                 result = hooks.char_recall(cfg, engine, parts, env.rank)
                 if result is not None:
@@ -198,8 +200,6 @@ def _train(cfg: RunConfig, peers: Peers) -> TrainState:
             export = ckpt.export_due(state.step, save_state) or final
             if save_state or export:
                 path = ckpt.save(engine, state, resume_state=save_state, export=export, parts=parts,
-            if b.val is not None and state.step % cfg.validation.every_steps == 0:
-                tel.record(state.step, b.val.evaluate(engine.module, parts.prepare))  # collective
                                  ema=ema, loader=loader, generators=generators)
                 tel.event(state.step, "checkpoint", path=str(path), resume_state=save_state, export=export)
             if g["stop"]:
