@@ -257,6 +257,42 @@ def verify_shard(path: Path, keys: list[str], exts: list[set[str]]) -> None:
             raise ValueError(f"{path}: sample {s.key!r} has fields {sorted(s.files)}, expected {sorted(e)}")
 
 
+def _prepare(s: dict[str, Any], seen: set[str], bucket_cfg: DataConfig, hist: Counter[str], where: str) -> dict[str, Any]:
+    """A sample checked (key without dots, unique in its shard `where`) and encoded now, so that a bad
+    field is named with its sample (not found when the shard is written); counts its bucket in `hist`."""
+    from lumina_illus.data.buckets import assign_bucket
+
+    key = s.get("__key__")
+    if not isinstance(key, str) or not key or "." in os.path.basename(key):
+        raise ValueError(f"sample key {key!r} must be a non-empty string without dots")
+    if key in seen:
+        raise ValueError(f"duplicate sample key {key!r} in {where}")
+    seen.add(key)
+    try:
+        s = {"__key__": key, **{ext: _encode(ext, v) for ext, v in s.items() if ext != "__key__"}}
+        size = sample_size(s)
+    except (TypeError, ValueError) as e:  # TypeError: a json value json.dumps cannot write
+        raise ValueError(f"sample {key!r}: {e}") from None
+    if size:
+        bh, bw = assign_bucket(bucket_cfg, *size)
+        hist[f"{bh}x{bw}"] += 1
+    else:
+        hist["unknown"] += 1
+    return s
+
+
+def write_shard(path: str | Path, samples: Iterable[dict[str, Any]], *, bucket_cfg: DataConfig | None = None,
+                verify: bool = True) -> dict[str, Any]:
+    """One shard at `path` (written under a temporary name, then renamed; with `verify`, read back and
+    checked); returns {"name", "samples", "bytes", "buckets": {"HxW": n}}. Samples as in write_shards."""
+    path, hist, seen = Path(path), Counter(), set()
+    pending = [_prepare(s, seen, bucket_cfg or DataConfig(), hist, path.name) for s in samples]
+    nbytes = _write_one(path, pending)
+    if verify:
+        verify_shard(path, [s["__key__"] for s in pending], [set(s) - {"__key__"} for s in pending])
+    return {"name": path.name, "samples": len(pending), "bytes": nbytes, "buckets": dict(sorted(hist.items()))}
+
+
 def write_shards(
     samples: Iterable[dict[str, Any]],
     out_dir: str | Path,
@@ -275,8 +311,6 @@ def write_shards(
     (for `bucket_cfg`, default DataConfig()). With `verify`, every shard is read back and checked.
     A field that cannot be encoded or a json field of the wrong type (sources.check_meta) raises
     ValueError naming the sample's key and the field."""
-    from lumina_illus.data.buckets import assign_bucket
-
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     bucket_cfg = bucket_cfg or DataConfig()
@@ -297,24 +331,7 @@ def write_shards(
         seen.clear()
 
     for s in samples:
-        key = s.get("__key__")
-        if not isinstance(key, str) or not key or "." in os.path.basename(key):
-            raise ValueError(f"sample key {key!r} must be a non-empty string without dots")
-        if key in seen:
-            raise ValueError(f"duplicate sample key {key!r} in shard {len(shards)}")
-        seen.add(key)
-        try:
-            # encoded now, so that a bad field is named with its sample (not found at the shard's flush)
-            s = {"__key__": key, **{ext: _encode(ext, v) for ext, v in s.items() if ext != "__key__"}}
-            size = sample_size(s)
-        except (TypeError, ValueError) as e:  # TypeError: a json value json.dumps cannot write
-            raise ValueError(f"sample {key!r}: {e}") from None
-        if size:
-            bh, bw = assign_bucket(bucket_cfg, *size)
-            hist[f"{bh}x{bw}"] += 1
-        else:
-            hist["unknown"] += 1
-        pending.append(s)
+        pending.append(_prepare(s, seen, bucket_cfg, hist, f"shard {len(shards)}"))
         if len(pending) == samples_per_shard:
             flush()
     if pending:

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 from lumina_illus.data.decode import DecodeError, open_image, to_rgb
 
 SIDECAR_EXTS = ("txt", "json")
+SIDECAR_TMP = tuple(f".{ext}.tmp" for ext in SIDECAR_EXTS)  # the temporary names sidecars are written under
 REFUSED = "refused.json"  # the report's file name, beside the script's output
 
 # image formats stored in shards as they are (bytes unchanged), by the field they are stored under
@@ -79,14 +80,15 @@ class Folder:
 
 def scan_folder(root: Path, exclude: Path | None = None) -> Folder:
     """Every entry under `root` (recursively; `exclude`, e.g. an output folder inside it, is left out).
-    A folder named like an image (`x.jpg/`) is walked like any folder."""
+    A folder named like an image (`x.jpg/`) is walked like any folder. Sidecars being written (`x.json.tmp`,
+    then renamed) are left out, so that ranks scanning while others write see the same images."""
     exclude = exclude.resolve() if exclude is not None else None
     images, sidecars = [], []
     for p in sorted(root.rglob("*")):
         if exclude is not None and p.resolve().is_relative_to(exclude):
             continue
-        if p.is_dir():
-            continue
+        if p.is_dir() or p.name.endswith(SIDECAR_TMP):
+            continue  # a sidecar being written by another process (data/annotate_colors.py's ranks)
         if p.suffix.lower()[1:] in SIDECAR_EXTS and p.is_file():
             sidecars.append(p)
         else:
