@@ -7,6 +7,9 @@ CKPT is an exported file, a ckpt/step_X folder, a ckpt folder or a run folder; s
   <run>/<checkpoint>.json   per character hits/n and mean probability, recall + Wilson 95% interval,
                             recall per size and per train_samples bucket
   curve.json, curve.png     recall vs samples seen, one line per run
+  report.html               self-contained page: curves by training-images bucket, and per character one
+                            of its training images (--examples) beside what the first, middle and last
+                            checkpoint of each run drew
   cache/                    generated images keyed by (checkpoint, prompt, size, seed, steps, guidance):
                             a re-run generates only what is new
 and logs the curve to W&B (offline by default). The characters file is a CSV `name,tag,prompt,train_samples`;
@@ -38,7 +41,8 @@ from lumina_illus.evaluation.char_recall import (  # noqa: E402
 from lumina_illus.evaluation.characters import load_characters  # noqa: E402
 from lumina_illus.evaluation.checkpoints import checkpoint_info, find_checkpoints  # noqa: E402
 from lumina_illus.evaluation.curves import curve_point, log_curves_wandb, write_curves  # noqa: E402
-from lumina_illus.evaluation.image_cache import ImageCache, checkpoint_id  # noqa: E402
+from lumina_illus.evaluation.image_cache import ImageCache, checkpoint_id, image_key  # noqa: E402
+from lumina_illus.evaluation.report import write_report  # noqa: E402
 from lumina_illus.evaluation.stats import DEFAULT_BUCKET_EDGES  # noqa: E402
 from lumina_illus.evaluation.tagger import WDTagger  # noqa: E402
 from lumina_illus.families import detect_family, read_metadata  # noqa: E402
@@ -80,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tagger CPU threads")
     ap.add_argument("--wandb", choices=["offline", "online", "disabled"], default="offline")
     ap.add_argument("--wandb-project", default="lumina_illus")
+    ap.add_argument("--examples", help="folder of one training image per character, <tag>.png|jpg|webp, for the "
+                    "report (default: examples/ beside the characters file, when there)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
@@ -114,11 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     device = torch.device(args.device)
 
     curves: dict[str, list[dict[str, Any]]] = {}
+    evaluations: dict[str, list[tuple[dict[str, Any], dict[str, Any], str]]] = {}
     for gi, ckpts in enumerate(groups):
         label = checkpoint_info(ckpts[0])["run"]
         if label in curves:
             label = f"{label}#{gi}"
-        curves[label] = []
+        curves[label], evaluations[label] = [], []
         for ckpt in ckpts:
             info = checkpoint_info(ckpt)
             print(f"\n== {label} {ckpt} (step {info['step']}, samples seen {info['samples_seen']})")
@@ -135,8 +142,19 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             print(format_table(result))
             print(f"({result['images']['generated']} generated, {result['images']['cached']} from cache) -> {dest}")
             curves[label].append(curve_point(info, result))
+            evaluations[label].append((info, result, checkpoint_id(ckpt)))
     js, png = write_curves(curves, out)
     print(f"\ncurve -> {js}, {png}")
+
+    def shown(ckpt_id: str, c: Any) -> Any:  # the report's picture: first template, size and seed
+        w, h = sizes[0]
+        prompt = templates[0].format(prompt=c.prompt)
+        return cache.get(image_key(ckpt_id, prompt, args.negative, (int(w), int(h)), seeds[0], args.steps, args.guidance))
+
+    examples = args.examples or (Path(characters_path).parent / "examples")
+    report = write_report(out, curves, evaluations, characters, shown,
+                          examples=examples if Path(examples).is_dir() else None)
+    print(f"report -> {report}")
     if args.wandb != "disabled":
         log_curves_wandb(curves, png, args.wandb_project, args.wandb, out)
     return curves

@@ -66,6 +66,8 @@ stage "4/4 character recall of every checkpoint"
 
 stage "done in $(( $(date +%s) - START ))s. Where to look:"
 cat <<EOF
+  runs/toy_eval/report.html     open it: curves by frequency bucket, each character's training image
+                                beside what the first, middle and last checkpoint drew
   runs/toy_eval/curve.png       recall vs image samples seen (one line per run)
   runs/toy_eval/curve.json      the same numbers; per-checkpoint details in runs/toy_eval/<run>/
   runs/toy_eval/cache/          every generated image, tagged

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_eval_toys import build_toy_tagger
 
 from lumina_illus.config import config_from_raw, to_dict
@@ -81,10 +83,49 @@ def test_char_recall_cli_on_a_real_tiny_run(run_dir, tmp_path):
     assert [c["n"] for c in first["characters"]] == [n, n] and first["per_size"]["64x64"]["n"] == 2 * n
     assert first["checkpoint"]["family"] == run.removeprefix("tiny_")
     assert (out / "curve.png").is_file() and len(list((out / "cache").rglob("*.png"))) == 2 * 2 * n
-    # a re-run generates nothing and loads no model
-    cli.main(args)
+    # a re-run generates nothing and loads no model; with --examples the report shows training images
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 40)).save(examples / "alice.png")
+    cli.main([*args, "--examples", str(examples)])
     again = json.loads((out / run / "step_0000020.json").read_text())
     assert again["images"] == {"generated": 0, "cached": 2 * n}
+    check_report(out / "report.html", characters=["Alice", "Bob"], checkpoints=2, examples={"Alice"})
+
+
+class _Images(HTMLParser):
+    """Every <img> of a page, with the character section (<h3>) it stands in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.section, self.heading, self.images = "", False, []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.heading = tag == "h3" or (self.heading and tag == "small")
+        if tag == "img":
+            self.images.append((self.section, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        if self.heading and data.strip():
+            self.section, self.heading = data.strip(), False
+
+
+def check_report(path: Path, characters: list[str], checkpoints: int, examples: set[str]) -> None:
+    """Every picture of the page decodes; each character has its generated strip (and training image)."""
+    import base64
+    import io
+
+    page = _Images()
+    page.feed(path.read_text(encoding="utf-8"))
+    for _, attrs in page.images:
+        src = attrs["src"]
+        assert src.startswith("data:image/png;base64,"), src[:40]  # self-contained: nothing to go missing
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    for name in characters:
+        alts = [a["alt"] for sec, a in page.images if sec == name]
+        assert len([a for a in alts if "step" in a]) == min(checkpoints, 3), (name, alts)
+        assert ("training image" in alts) == (name in examples), (name, alts)
+    assert sum(1 for sec, _ in page.images if sec not in characters) >= 1  # the curves
 
 
 def test_denoise_fft_cli_on_a_real_tiny_checkpoint(run_dir, tmp_path):

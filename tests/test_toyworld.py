@@ -100,6 +100,10 @@ def test_shards_read_by_the_data_pipeline_and_characters_by_the_eval(tmp_path):
     chars = load_characters(tmp_path / "characters.csv")
     assert [(c.tag, c.train_samples) for c in chars] == [(ch.tag, n) for ch, n in zip(CHARACTERS, SMALL.counts())]
     assert chars[0].prompt == "hoshino aoi, star academy, 1girl"
+    # the report's training image of each character: its first sample in the world, as stored in the shards
+    for ch in CHARACTERS:
+        first = next(s for s in world if s.scene.character == ch)
+        assert (tmp_path / "examples" / f"{ch.tag}.png").read_bytes() == _png(render(first.scene)), ch.tag
 
 
 @pytest.mark.parametrize("quant_conv", [True, False])

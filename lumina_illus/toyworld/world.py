@@ -168,7 +168,7 @@ def world_info(cfg: WorldConfig) -> dict[str, Any]:
 def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
     """Render the world into `out_dir/shards/toy-*.tar` (+ manifest.json) through the project's shard
     writer, with control tokens (data/control.py: colour statistics, levels by the world's quartiles),
-    and write `out_dir/characters.csv`; returns the shard manifest."""
+    and write `out_dir/characters.csv` and `out_dir/examples/<tag>.png`; returns the shard manifest."""
     from lumina_illus.data.control import METRICS, color_stats, control_tokens, is_colorful, quartile_edges
     from lumina_illus.data.shards import write_shards
 
@@ -193,4 +193,16 @@ def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
 
     manifest = write_shards(records(), out / "shards", cfg.samples_per_shard, prefix="toy")
     write_characters_csv(out / "characters.csv", cfg.counts())
+    write_examples(out / "examples", samples, pngs)
     return manifest
+
+
+def write_examples(folder: Path, samples: list[WorldSample], pngs: list[bytes]) -> None:
+    """`folder/<tag>.png`: each character's first training image (eval/char_recall.py's report shows it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    for s, png in zip(samples, pngs):
+        ch = s.scene.character
+        if ch is not None and ch.tag not in done:
+            (folder / f"{ch.tag}.png").write_bytes(png)
+            done.add(ch.tag)
