@@ -70,10 +70,12 @@ class Sample:
     tokens: int
 
 
-def decode_sample(
-    ts: TarSample, cfg: DataConfig, cap: CaptionConfig, rng: random.Random, latent_mode: bool
-) -> dict[str, Any]:
-    """One tar sample -> caption, pixels or latent, sizes, crop. Raises SkipSample(reason)."""
+def read_caption(
+    ts: TarSample, cap: CaptionConfig, rng: random.Random, latent_mode: bool
+) -> tuple[dict[str, Any], str]:
+    """(json, caption) of one tar sample, every check the loader makes before touching the image or
+    latent. Raises SkipSample(reason). Also used by data/character_set.py, so its counts skip exactly
+    the samples the loader skips for their json or caption."""
     meta: dict[str, Any] = {}
     if "json" in ts.files:
         try:
@@ -96,7 +98,14 @@ def decode_sample(
             caption = build_caption(cap, text, meta, rng)
         except CaptionError as e:
             raise SkipSample("missing_caption", str(e)) from None
+    return meta, caption
 
+
+def decode_sample(
+    ts: TarSample, cfg: DataConfig, cap: CaptionConfig, rng: random.Random, latent_mode: bool
+) -> dict[str, Any]:
+    """One tar sample -> caption, pixels or latent, sizes, crop. Raises SkipSample(reason)."""
+    meta, caption = read_caption(ts, cap, rng, latent_mode)
     if latent_mode:
         if LATENT_EXT not in ts.files:
             raise SkipSample("missing_image", f"no {LATENT_EXT} in a latent shard")
