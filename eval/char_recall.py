@@ -3,10 +3,11 @@
 Character recall of one or many exported checkpoints (family detected from each checkpoint).
 
 CKPT is an exported file, a ckpt/step_X folder, a ckpt folder or a run folder; several CKPT arguments
-(or --compare) put several runs on one curve, x = image samples seen. Writes, under --out:
+(or --compare) put several runs on one curve, x = image samples seen (--x flops | hours: also against
+training compute or wall-clock, so "faster" has a stated meaning). Writes, under --out:
   <run>/<checkpoint>.json   per character hits/n and mean probability, recall + Wilson 95% interval,
                             recall per size and per train_samples bucket
-  curve.json, curve.png     recall vs samples seen, one line per run
+  curve.json, curve.png     recall vs samples seen, one line per run (curve_flops.png / curve_hours.png with --x)
   report.html               self-contained page: curves by training-images bucket, and per character one
                             of its training images (--examples) beside what the first, middle and last
                             checkpoint of each run drew
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", nargs="+", help="exported file, ckpt/step_X folder, ckpt folder or run folder")
     ap.add_argument("--compare", nargs="+", default=[], help="more runs to put on the same curve")
+    ap.add_argument("--x", choices=["samples", "flops", "hours"], default="samples",
+                    help="also plot recall against training compute (model FLOPs) or wall-clock hours of "
+                         "optimizer steps, from each checkpoint's metadata (curve_<x>.png)")
     ap.add_argument("--characters", help="CSV name,tag,prompt,train_samples (default: eval.characters of the run)")
     ap.add_argument("--tagger", help="WD tagger folder: model.onnx + selected_tags.csv (default: eval.tagger)")
     ap.add_argument("--out", help="output folder (default: <run>/eval/char_recall, else ./char_recall)")
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             print(f"({result['images']['generated']} generated, {result['images']['cached']} from cache) -> {dest}")
             curves[label].append(curve_point(info, result))
             evaluations[label].append((info, result, checkpoint_id(ckpt)))
-    js, png = write_curves(curves, out)
+    js, png = write_curves(curves, out, x=args.x)
     print(f"\ncurve -> {js}, {png}")
 
     def shown(ckpt_id: str, c: Any) -> Any:  # the report's picture: first template, size and seed

@@ -59,7 +59,8 @@ def run_dir(request, tmp_path_factory) -> Path:
               for k, v in parts.module.state_dict().items()}
         out = cfg.run_dir / "ckpt" / f"step_{step:07d}"
         out.mkdir(parents=True)
-        meta = {"family": family, "step": step, "samples_seen": 32 * step, "run": cfg.run.name, "config": to_dict(cfg)}
+        meta = {"family": family, "step": step, "samples_seen": 32 * step, "flops_seen": 1e12 * step,
+                "train_seconds": 36.0 * step, "run": cfg.run.name, "config": to_dict(cfg)}
         parts.export(sd, out, meta)
         (out / "meta.json").write_text(json.dumps(meta))
     return cfg.run_dir
@@ -87,7 +88,10 @@ def test_char_recall_cli_on_a_real_tiny_run(run_dir, tmp_path):
     examples = tmp_path / "examples"
     examples.mkdir()
     Image.new("RGB", (64, 48), (200, 30, 40)).save(examples / "alice.png")
-    cli.main([*args, "--examples", str(examples)])
+    cli.main([*args, "--examples", str(examples), "--x", "flops"])
+    pts = json.loads((out / "curve.json").read_text())[run]
+    assert [(p["flops_seen"], p["train_seconds"]) for p in pts] == [(1e13, 360.0), (2e13, 720.0)]
+    assert (out / "curve_flops.png").is_file()
     again = json.loads((out / run / "step_0000020.json").read_text())
     assert again["images"] == {"generated": 0, "cached": 2 * n}
     check_report(out / "report.html", characters=["Alice", "Bob"], checkpoints=2, examples={"Alice"})

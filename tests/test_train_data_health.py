@@ -6,6 +6,7 @@ reasons and example shard/key pairs."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def _bad_shards(folder: Path) -> list[str]:
     return [str(folder / "bad" / "bad-000000.tar"), str(tar)]
 
 
+def out_time(steps: dict[int, dict]) -> float:
+    """Seconds between the first and the last logged step, plus one step: an upper bound of step time."""
+    t = sorted(s["time"] for s in steps.values())
+    return t[-1] - t[0] + max(s["perf/step_time_s"] for s in steps.values()) + 1e-6
+
+
 @pytest.fixture(scope="module")
 def shards(world: Path) -> str:
     extra = _bad_shards(world.parent / "extra")
@@ -73,6 +80,9 @@ def test_skip_counts_per_reason_reach_the_log(world: Path, shards: str) -> None:
     series = [steps[s][M.DATA_SKIPPED] for s in sorted(steps)]
     assert series == sorted(series) and series[0] < series[-1]
     assert last[M.DATA_PACKING] == 1.0 and last[M.DATA_TOKENS_PER_MICRO] == 16  # bucket mode, 64x64 -> 16 tokens
+    # the export carries the compute and wall-clock spent, for curves against them (char_recall --x)
+    meta = json.loads((run_dir / "ckpt" / "step_0000016" / "meta.json").read_text())
+    assert meta["flops_seen"] > 0 and 0 < meta["train_seconds"] < out_time(steps)
 
 
 @pytest.mark.slow

@@ -44,7 +44,8 @@ def find_checkpoints(path: str | Path) -> list[Path]:
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """{"path", "family", "step", "samples_seen", "run"} from the checkpoint's metadata (None if absent)."""
+    """{"path", "family", "step", "samples_seen", "flops_seen", "train_seconds", "run"} from the checkpoint's
+    metadata (None if absent)."""
     p = Path(path)
     meta = read_metadata(p)
     step = meta.get("step")
@@ -55,4 +56,5 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     if run is None:  # runs/<name>/ckpt/step_X -> <name>
         run = p.parent.parent.name if p.parent.name == "ckpt" else p.parent.name
     return {"path": str(p), "family": meta.get("family"), "step": step,
-            "samples_seen": meta.get("samples_seen"), "run": run}
+            "samples_seen": meta.get("samples_seen"), "flops_seen": meta.get("flops_seen"),
+            "train_seconds": meta.get("train_seconds"), "run": run}

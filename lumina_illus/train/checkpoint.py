@@ -8,7 +8,7 @@
           trainer_state.json         step, samples seen, skipped steps, world size, data cursor, git, config
           rank_00000.json ...        RNG state of every rank
           ema_rank_00000.safetensors EMA shard of every rank
-        meta.json                    {"family", "step", "samples_seen", "run", "config"}
+        meta.json                    {"family", "step", "samples_seen", "flops_seen", "train_seconds", "run", "config"}
         <family export files>        consolidated raw weights (TrainingParts.export), kept forever
         ema/                         consolidated EMA weights, same layouts
 
@@ -62,6 +62,8 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for non-finite loss or gradients, in total
     bad_in_row: int = 0  # consecutive skipped steps (the run stops at train.max_bad_steps)
     ema_updates: int = 0  # applied steps seen by the EMA
+    flops_seen: float = 0.0  # model training FLOPs (forward + backward) over all ranks since step 0
+    train_seconds: float = 0.0  # wall-clock of the optimizer steps since step 0 (slowest rank; no checkpoint/eval time)
 
 
 def step_name(step: int) -> str:
@@ -114,6 +116,8 @@ class Checkpointer:
             "family": self.cfg.family,
             "step": state.step,
             "samples_seen": state.samples_seen,
+            "flops_seen": state.flops_seen,
+            "train_seconds": state.train_seconds,
             "run": self.cfg.run.name,
             "weights": weights,
             "git": self.git,
@@ -190,7 +194,7 @@ class Checkpointer:
             ema_sd = {**raw, **_cast(ema_full, dtype)}
             (out / "ema").mkdir(exist_ok=True)
             parts.export(ema_sd, out / "ema", self.metadata(state, "ema"))
-        meta = {k: v for k, v in self.metadata(state, "raw").items() if k in ("family", "step", "samples_seen", "run", "config")}
+        meta = {k: v for k, v in self.metadata(state, "raw").items() if k in ("family", "step", "samples_seen", "flops_seen", "train_seconds", "run", "config")}
         _write_json(out / "meta.json", meta)
 
     def prune(self) -> None:
@@ -296,7 +300,8 @@ class Checkpointer:
                                            load_module_strict=not self.cfg.lora.enabled)
         if loaded is None:
             raise FileNotFoundError(f"{ds_dir}: DeepSpeed could not load tag {tag!r}")
-        state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        # fields added later (flops_seen, train_seconds) start at 0 for states saved before them
+        state = TrainState(**{k: saved.get(k, v) for k, v in asdict(TrainState()).items()})
         loader.load_state_dict(saved["data"])  # the global cursor survives a change of world size
         if saved_world == self.world:
             set_rng_state(json.loads((ds_dir / f"rank_{self.rank:05d}.json").read_text())["rng"], generators)

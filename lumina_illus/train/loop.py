@@ -165,6 +165,8 @@ def _train(cfg: RunConfig, peers: Peers) -> TrainState:
             if cfg.telemetry.log_sample_keys:
                 tel.event(state.step, "data_keys", keys=gather_keys(stats.keys))  # collective
             state.samples_seen += g["samples"]
+            state.flops_seen += g["flops"]  # for curves against compute (eval/char_recall.py --x flops)
+            state.train_seconds += g["step_time_max"]
             skip_guard.update(g["data"])
 
             grad_norm = engine.get_global_grad_norm()
