@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lumina_illus.config import CaptionConfig, load_config  # noqa: E402
+from lumina_illus.config import CaptionConfig, from_dict, load_config  # noqa: E402
 from lumina_illus.data.captions import _clean  # noqa: E402
 from lumina_illus.data.shards import expand_shards  # noqa: E402
 from lumina_illus.evaluation.character_set import (  # noqa: E402
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.config:
             run = load_config(args.config)
-            cap, specs = run.data.caption, specs or list(run.data.shards)
+            cap = from_dict(CaptionConfig, run.data.caption, where="data.caption", prefix="data.caption.")
+            specs = specs or list(run.data.shards)
         edges = [int(b) for b in args.buckets.split(",")]
         bucket_of(0, edges)  # increasing, from 0
         check_template(args.template)

@@ -105,6 +105,19 @@ def test_pool_and_inline_counts_agree_and_min_count_zero_adds_absent_tagger_char
     assert rb.pop("absent_character") == 0 and ra == rb
 
 
+def test_run_config_gives_the_shards_and_the_caption_spelling(toy, tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(json.dumps({"family": "lumina2", "data": {"shards": [toy["shards"]],
+                                                             "caption": {"underscores_to_spaces": False}}}))  # fmt: skip
+    out = tmp_path / "characters.csv"
+    assert _cli()(["--config", str(run), "--tagger", str(toy["tagger"]), "--out", str(out), "--per-bucket", "100",
+                   "--workers", "1", "--quiet"]) == 0  # fmt: skip
+    chars = {c.tag: c for c in load_characters(out)}
+    truth = {ch.tag: n for ch, n in zip(CHARACTERS, WORLD.counts()) if ch.tag != UNKNOWN.tag}
+    assert {t: c.train_samples for t, c in chars.items()} == truth
+    assert chars["hoshino_aoi"].prompt == "hoshino_aoi, star_academy, 1girl, solo"  # the captions keep underscores
+
+
 def test_bucket_draw_is_seeded_per_bucket_and_spans_the_buckets():
     counts = {f"c{n}": n for n in (1, 5, 50, 70, 99, 100, 150, 300, 499, 500, 600, 700, 999, 1000, 2000, 2200, 2499,
                                    2500, 4000, 9999, 10000, 20000, 50000)}  # fmt: skip
