@@ -5,6 +5,7 @@ the path up to the first dot of the file name, the extension is the rest): `{key
 `{key}.txt`, `{key}.json` (schema in captions.py), and in latent shards `{key}.latent.safetensors`.
 
     manifest = write_shards(samples, "shards/", samples_per_shard=1000)   # samples: dicts, see below
+    entry = write_shard("latents/shard-000007.tar", samples)              # one shard, under a name you choose
     urls = expand_shards(["shards/shard-{000000..000009}.tar", "pipe:curl -s http://.../x.tar"])
 """
 
