@@ -13,11 +13,13 @@ layout of our single-file export (checkpoint_io.to_layout / sdxl_checkpoint.unet
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lumina_illus.config import ConfigError, config_from_raw, load_config
+from lumina_illus.config import ConfigError, config_from_raw, load_config, to_dict
 from lumina_illus.families import get_family
 from lumina_illus.models.lora import KOHYA_FILE, PEFT_DIR
 
@@ -36,11 +38,11 @@ def comfy_model_lora_keys_unet(sdk: list[str]) -> dict[str, str]:
         if k.startswith("diffusion_model."):
             if k.endswith(".weight"):
                 key_lora = k[len("diffusion_model."):-len(".weight")].replace(".", "_")
-                key_map["lora_unet_{}".format(key_lora)] = k
-                key_map["lora_prior_unet_{}".format(key_lora)] = k
+                key_map[f"lora_unet_{key_lora}"] = k
+                key_map[f"lora_prior_unet_{key_lora}"] = k
                 key_map["{}".format(k[:-len(".weight")])] = k
             else:
-                key_map["{}".format(k)] = k
+                key_map[f"{k}"] = k
     return key_map
 
 
@@ -49,14 +51,14 @@ def comfy_load_lora(lora: dict[str, torch.Tensor], to_load: dict[str, str]) -> t
     ComfyUI logs 'lora key not loaded' for each of those and ignores them)."""
     patch_dict, loaded_keys = {}, set()
     for x in to_load:
-        alpha_name = "{}.alpha".format(x)
+        alpha_name = f"{x}.alpha"
         alpha = None
         if alpha_name in lora.keys():
             alpha = lora[alpha_name].item()
             loaded_keys.add(alpha_name)
-        regular_lora = "{}.lora_up.weight".format(x)
+        regular_lora = f"{x}.lora_up.weight"
         if regular_lora in lora.keys():
-            A_name, B_name = regular_lora, "{}.lora_down.weight".format(x)
+            A_name, B_name = regular_lora, f"{x}.lora_down.weight"
             patch_dict[to_load[x]] = ("lora", (lora[A_name], lora[B_name], alpha, None))
             loaded_keys.add(A_name)
             loaded_keys.add(B_name)
@@ -198,6 +200,7 @@ def test_sdxl_lora_export_equals_live_adapters_in_comfyui_peft_and_merged(tiny, 
     merged = comfy_merge(str(tmp_path / KOHYA_FILE), comfy)
     from_sgm = {"diffusion_model." + s: d for d, s in to_sgm.items()}
     plain = UNet2DConditionModel.from_config(unet.config).eval()
+    merged_diffusers = {from_sgm[k]: v for k, v in merged.items() if not torch.equal(v, comfy[k])}  # adapted
     plain.load_state_dict({from_sgm[k]: v for k, v in merged.items()})
     # lora.export_merged: the single file holds the same merged UNet
     single = load_file(str(tmp_path / "sdxl.safetensors"))
@@ -220,3 +223,12 @@ def test_sdxl_lora_export_equals_live_adapters_in_comfyui_peft_and_merged(tiny, 
         via_peft = _peft_load(base, tmp_path / PEFT_DIR)(*args, **kw).sample
     torch.testing.assert_close(via_comfy, live, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(via_peft, live, atol=2e-5, rtol=1e-4)
+
+    # a LoRA-only checkpoint folder loads for sampling/eval: its base with the adapters merged in
+    (tmp_path / "sdxl.safetensors").unlink()
+    (tmp_path / "meta.json").write_text(json.dumps({"family": "sdxl", "config": to_dict(cfg)}))
+    gen = get_family("sdxl").load_generator(tmp_path, CPU)
+    pretrained = UNet2DConditionModel.from_pretrained(tiny / "unet").state_dict()  # before _randomize
+    for k, v in gen.unet.state_dict().items():
+        delta = merged_diffusers[k] - base_sd[k] if k in merged_diffusers else 0.0
+        torch.testing.assert_close(v, pretrained[k] + delta, atol=1e-6, rtol=0)
