@@ -6,7 +6,7 @@ CKPT is an exported file, a ckpt/step_X folder, a ckpt folder or a run folder; s
 (or --compare) put several runs on one curve, x = image samples seen (--x flops | hours: also against
 training compute or wall-clock, so "faster" has a stated meaning). Writes, under --out:
   <run>/<checkpoint>.json   per character hits/n and mean probability, recall + Wilson 95% interval,
-                            recall per size and per train_samples bucket
+                            recall (and colour statistics) per size and per train_samples bucket
   curve.json, curve.png     recall vs samples seen, one line per run (curve_flops.png / curve_hours.png with --x)
   report.html               self-contained page: curves by training-images bucket, and per character one
                             of its training images (--examples) beside what the first, middle and last
@@ -46,7 +46,7 @@ from lumina_illus.evaluation.image_cache import ImageCache, checkpoint_id, image
 from lumina_illus.evaluation.report import write_report  # noqa: E402
 from lumina_illus.evaluation.stats import DEFAULT_BUCKET_EDGES  # noqa: E402
 from lumina_illus.evaluation.tagger import WDTagger  # noqa: E402
-from lumina_illus.families import detect_family, read_metadata  # noqa: E402
+from lumina_illus.families import check_sizes, detect_family, read_metadata  # noqa: E402
 
 
 class LazyGenerator:
@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", help="output folder (default: <run>/eval/char_recall, else ./char_recall)")
     ap.add_argument("--cache", help="image cache folder (default: <out>/cache)")
     ap.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in DEFAULT_SIZES), help="WxH,WxH,...")
+    ap.add_argument("--per-size", action="store_true",
+                    help="also plot one line per size (curve_sizes.png): recall at sizes and aspect ratios outside "
+                         "the training range; per-size colour statistics are always in the JSON")
     ap.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
     ap.add_argument("--templates", help="text file, one prompt template per line, each with {prompt}")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the family's)")
@@ -112,6 +115,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     if args.templates:
         templates = tuple(t for t in Path(args.templates).read_text().splitlines() if t.strip())
     sizes = parse_sizes(args.sizes)
+    for ckpts in groups:  # before any model loads: sizes the family cannot generate stop here
+        fam = detect_family(ckpts[0])
+        try:
+            check_sizes(sizes, fam.size_multiple, f"--sizes ({fam.name}, {ckpts[0]})")
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     seeds = [int(s) for s in args.seeds.split(",")]
     buckets = [int(b) for b in args.buckets.split(",")]
     if args.out:
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             print(f"({result['images']['generated']} generated, {result['images']['cached']} from cache) -> {dest}")
             curves[label].append(curve_point(info, result))
             evaluations[label].append((info, result, checkpoint_id(ckpt)))
-    js, png = write_curves(curves, out, x=args.x)
+    js, png = write_curves(curves, out, x=args.x, per_size=args.per_size)
     print(f"\ncurve -> {js}, {png}")
 
     def shown(ckpt_id: str, c: Any) -> Any:  # the report's picture: first template, size and seed

@@ -193,6 +193,8 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling inside a worker
     batching: Literal["bucket", "tokens"] = "tokens"  # same-bucket micro-batches | token-budget packing
     token_budget: int = 16384  # image tokens per micro-batch when batching == "tokens"
+    pack_lookahead: float = 2.0  # tokens mode: pack once this many budgets of samples wait (more: fuller
+    # micro-batches, more decoded images held per worker; bench/packing.py measures the trade)
     patch_tokens_per_side: int = 16  # pixels per image token side (VAE 8x * patch 2)
     min_area: int = 256 * 256  # smallest bucket area in pixels
     max_area: int = 1024 * 1024  # target area of buckets; images are resized to about this
@@ -220,6 +222,7 @@ class DataConfig:
         check(self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.token_budget > 0, "token_budget", "must be > 0")
+        check(self.pack_lookahead >= 1.0, "pack_lookahead", "must be >= 1 (budgets of pending samples)")
         check(self.patch_tokens_per_side > 0, "patch_tokens_per_side", "must be > 0")
         check(0 < self.min_area <= self.max_area, "min_area", "must be > 0 and <= max_area")
         check(self.area_step > 0, "area_step", "must be > 0")

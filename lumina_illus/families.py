@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -97,6 +97,7 @@ class TrainingParts:
 
 class Family(Protocol):
     name: str
+    size_multiple: int  # generated image sides must be multiples of this (pixels per latent token side)
     config_cls: type  # dataclass validating the run config's `model:` section
 
     def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts: ...
@@ -104,6 +105,14 @@ class Family(Protocol):
     def load_generator(self, path: str | Path, device: torch.device, **kwargs: Any) -> Generator: ...
 
     def detect(self, path: str | Path) -> bool: ...  # True if `path` is a checkpoint of this family
+
+
+def check_sizes(sizes: Sequence[tuple[int, int]], multiple: int, where: str) -> None:
+    """Every (width, height) a positive multiple of `multiple` (the family's pixels per latent token);
+    ValueError naming `where` (the option or config key) and the sizes that are not."""
+    bad = [f"{w}x{h}" for w, h in sizes if w <= 0 or h <= 0 or w % multiple or h % multiple]
+    if bad:
+        raise ValueError(f"{where}: {', '.join(bad)}: width and height must be positive multiples of {multiple}")
 
 
 def family_names() -> list[str]:

@@ -273,3 +273,12 @@ def test_official_export_of_another_architecture_stops_at_start(world: Path) -> 
     cfg = load_config(world, ["checkpoint.export_layouts=[original, official]"])
     with pytest.raises(ConfigError, match=r"run.yaml: checkpoint.export_layouts has 'official' but .*official architectures"):
         get_family("lumina2").build_training(cfg, torch.device("cpu"))
+
+
+def test_sample_sizes_the_model_cannot_draw_stop_at_start(world: Path) -> None:
+    from lumina_illus.config import ConfigError, load_config
+    from lumina_illus.families import get_family
+
+    cfg = load_config(world, ["sampling.sizes=[[64, 64], [100, 64]]"])
+    with pytest.raises(ConfigError, match=r"run.yaml: sampling.sizes: 100x64: width and height must be positive multiples of 16"):
+        get_family("lumina2").build_training(cfg, torch.device("cpu"))

@@ -156,6 +156,24 @@ def test_recall_against_known_truth(tagger):
     assert mp["Alice"] > 0.85 > 0.2 > mp["Dave"]
     table = format_table(res)
     assert "Alice" in table and "recall 0.500" in table
+    # colour statistics per size, the mean over that size's images (the white-collapse measure among them)
+    from lumina_illus.evaluation.color import STAT_KEYS, image_stats
+
+    for label, (w, h) in (("64x64", (64, 64)), ("48x80", (48, 80))):
+        imgs = [ShapeGenerator(skill).generate([CHARS[c].prompt], [(w, h)], [sd])[0] for c in range(4) for sd in SEEDS]
+        got = res["per_size"][label]["color"]
+        assert set(got) == set(STAT_KEYS)
+        for k in ("white_frac", "saturation_mean"):  # templates do not change the toy images: an exact mean
+            assert got[k] == pytest.approx(np.mean([image_stats(im)[k] for im in imgs]))
+
+
+def test_sizes_a_family_cannot_generate_are_named(tmp_path):
+    from lumina_illus.families import check_sizes
+
+    check_sizes([(48, 80), (192, 64)], 16, "--sizes")
+    with pytest.raises(ValueError, match=r"--sizes \(lumina2\): 50x50, 64x40: width and height must be positive "
+                                         r"multiples of 16"):
+        check_sizes([(50, 50), (64, 64), (64, 40)], 16, "--sizes (lumina2)")
 
 
 def test_cache_second_run_generates_nothing(tmp_path, tagger):

@@ -88,7 +88,11 @@ def test_char_recall_cli_on_a_real_tiny_run(run_dir, tmp_path):
     examples = tmp_path / "examples"
     examples.mkdir()
     Image.new("RGB", (64, 48), (200, 30, 40)).save(examples / "alice.png")
-    cli.main([*args, "--examples", str(examples), "--x", "flops"])
+    cli.main([*args, "--examples", str(examples), "--x", "flops", "--per-size"])
+    assert (out / "curve_sizes.png").is_file()
+    with pytest.raises(SystemExit, match=r"--sizes \(\w+, .*step_0000010\): 60x60: width and height must be "
+                                         r"positive multiples of (16|8)"):
+        cli.main([a if a != "64x64" else "60x60,64x64" for a in args])
     pts = json.loads((out / "curve.json").read_text())[run]
     assert [(p["flops_seen"], p["train_seconds"]) for p in pts] == [(1e13, 360.0), (2e13, 720.0)]
     assert (out / "curve_flops.png").is_file()

@@ -70,9 +70,12 @@ class Loader:
     def layout_key(self) -> dict[str, Any]:
         """What must be unchanged for a resume to continue the same batch sequence."""
         c = self.cfg
-        return {"world_size": self.world_size, "num_workers": c.num_workers, "micro_batch": self.micro_batch,
-                "batching": c.batching, "token_budget": c.token_budget, "shuffle_buffer": c.shuffle_buffer,
-                "latent_mode": self.latent_mode}
+        key = {"world_size": self.world_size, "num_workers": c.num_workers, "micro_batch": self.micro_batch,
+               "batching": c.batching, "token_budget": c.token_budget, "shuffle_buffer": c.shuffle_buffer,
+               "latent_mode": self.latent_mode}
+        if c.pack_lookahead != DataConfig.pack_lookahead:  # absent at the default: older states still match
+            key["pack_lookahead"] = c.pack_lookahead
+        return key
 
     # ---- iteration
 

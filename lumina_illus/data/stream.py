@@ -311,7 +311,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{self.seed}/{consumer}/{n_consumers}/{self.layout['origin']['samples_seen']}")
         buffer: list[tuple[int, int, TarSample]] = []
         events: list[tuple[str, Any]] = []  # skips and shard ends since the last batch
-        packer = TokenPacker(cfg.token_budget, self.micro_batch) if cfg.batching == "tokens" else None
+        packer = TokenPacker(cfg.token_budget, self.micro_batch, cfg.pack_lookahead) if cfg.batching == "tokens" else None
         bucketer = BucketBatcher(self.micro_batch) if packer is None else None
         epoch_now = 0
         pos = {"item": -1, "n": 0, "got": 0, "dry": 0}

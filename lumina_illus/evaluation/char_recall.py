@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lumina_illus.evaluation.characters import Character
+from lumina_illus.evaluation.color import STAT_KEYS, image_stats
 from lumina_illus.evaluation.image_cache import ImageCache, image_key
 from lumina_illus.evaluation.stats import DEFAULT_BUCKET_EDGES, group_by_buckets, summarize
 from lumina_illus.evaluation.tagger import CATEGORY_CHARACTER, WDTagger
@@ -115,6 +116,7 @@ def evaluate(
     # one size per generate() call: families batch same-size latents without padding
     jobs.sort(key=lambda j: (j.size, j.char, j.prompt, j.seed))
     probs = np.zeros(len(jobs), np.float64)
+    colors: list[dict[str, float]] = [{} for _ in jobs]  # colour statistics of every image (per size below)
     generated = cached = 0
     bar = tqdm(total=len(jobs), desc="char_recall", unit="img", disable=not progress)
     i = 0
@@ -144,6 +146,7 @@ def evaluate(
         p = tagger.predict(images, batch_size=batch_size)  # (len(chunk), n_tags)
         for n, j in enumerate(chunk):
             probs[i + n] = p[n, cols[j.char]]
+            colors[i + n] = image_stats(images[n])
         i += len(chunk)
         bar.update(len(chunk))
     bar.close()
@@ -159,7 +162,8 @@ def evaluate(
     per_size = {}
     for s in sizes:
         sel = [k for k, j in enumerate(jobs) if j.size == (int(s[0]), int(s[1]))]
-        per_size[size_label(s)] = summarize(int(hit[sel].sum()), len(sel))
+        per_size[size_label(s)] = {**summarize(int(hit[sel].sum()), len(sel)),
+                                   "color": {k: float(np.mean([colors[q][k] for q in sel])) for k in STAT_KEYS}}
     total = summarize(int(hit.sum()), len(jobs))
     return {
         **total,

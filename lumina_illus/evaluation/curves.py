@@ -18,6 +18,7 @@ def curve_point(info: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str,
         "flops_seen": info.get("flops_seen"), "train_seconds": info.get("train_seconds"),
         "recall": result["recall"], "ci95": list(result["ci95"]), "hits": result["hits"], "n": result["n"],
         "per_bucket": {b["label"]: b["recall"] for b in result["per_bucket"]},
+        "per_size": {k: v["recall"] for k, v in result.get("per_size", {}).items()},
     }
 
 
@@ -68,8 +69,28 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str 
     return save_figure(fig, out_png)
 
 
+def plot_sizes(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str | Path, x: str = "samples") -> Path:
+    """Recall vs `x`, one line per generated size (marker per run): how far the resolution carries."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    markers = "osD^v<>"
+    for r, (label, pts) in enumerate(curves.items()):
+        pts = sorted((p for p in pts if x_value(p, x) is not None), key=lambda p: x_value(p, x))
+        for size in (pts[-1].get("per_size") or {}) if pts else {}:
+            sel = [p for p in pts if size in (p.get("per_size") or {})]
+            ax.plot([x_value(p, x) for p in sel], [p["per_size"][size] for p in sel], marker=markers[r % len(markers)],
+                    label=f"{label} {size}")
+    ax.set_xlabel(X_AXES[x][1])
+    ax.set_ylabel("character recall")
+    ax.set_ylim(0, 1)
+    ax.set_title("character recall per generated size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, out_png)
+
+
 def write_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
-                 x: str = "samples") -> tuple[Path, Path]:
+                 x: str = "samples", per_size: bool = False) -> tuple[Path, Path]:
     """curve.json + curve.png (x = samples seen) in out_dir; with x "flops" or "hours" also
     curve_<x>.png, returned as the picture."""
     out_dir = Path(out_dir)
@@ -79,6 +100,8 @@ def write_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str
     png = plot_curves(curves, out_dir / "curve.png")
     if x != "samples":
         png = plot_curves(curves, out_dir / f"curve_{x}.png", x=x)
+    if per_size:
+        plot_sizes(curves, out_dir / "curve_sizes.png", x=x)
     return js, png
 
 

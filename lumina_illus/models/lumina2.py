@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lumina_illus.config import ConfigError, from_dict
-from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
+from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, check_sizes, read_metadata
 from lumina_illus.models.attention import resolve_backend
 from lumina_illus.models.checkpoint_io import CheckpointError, load_nextdit, official_factory
 from lumina_illus.models.lora import KOHYA_FILE, apply_lora, export_lora, merge_kohya_file
@@ -109,12 +109,17 @@ class Lumina2TrainingModule(nn.Module):
 
 class Lumina2Family:
     name = "lumina2"
+    size_multiple = 16  # image sides: Flux VAE 8x down, then 2x2 patches
     config_cls = Lumina2Config
 
     # -- training ----------------------------------------------------------------------------------
 
     def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts:
         mc: Lumina2Config = cfg.model
+        try:  # the sample grid and in-training recall sizes: refused now, not at the first grid
+            check_sizes(cfg.sampling.sizes, self.size_multiple, f"{cfg.source}: sampling.sizes")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         dit = build_dit(mc, cfg.source).to(device)
         if "official" in cfg.checkpoint.export_layouts:
             try:  # the official sample.py builds only its own factories: refuse now, not at the first export

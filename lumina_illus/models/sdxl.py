@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lumina_illus.config import ConfigError, check, from_dict
-from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, read_metadata
+from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, check_sizes, read_metadata
 from lumina_illus.models import sdxl_checkpoint as ckpt_io
 from lumina_illus.models.lora import KOHYA_FILE, apply_lora, export_lora, merge_kohya_file
 from lumina_illus.models.vae import LatentCodec, VAEConfig, torch_dtype
@@ -359,10 +359,15 @@ def _split_state(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tenso
 
 class SDXLFamily:
     name = "sdxl"
+    size_multiple = 8  # image sides: the SDXL VAE is 8x down
     config_cls = SDXLConfig
 
     def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts:
         m: SDXLConfig = cfg.model
+        try:  # the sample grid and in-training recall sizes: refused now, not at the first grid
+            check_sizes(cfg.sampling.sizes, self.size_multiple, f"{cfg.source}: sampling.sizes")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(cfg.train.activation_checkpointing, bool):
             raise ConfigError(f"{cfg.source}: train.activation_checkpointing = {cfg.train.activation_checkpointing!r}: "
                               "the SDXL family checkpoints all blocks or none (false/true, 'off'/'full')")
