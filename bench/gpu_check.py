@@ -143,6 +143,7 @@ def run_parts(parts: list[Part], report: dict[str, Any], budget: Budget, save: C
         t0 = time.perf_counter()
         try:
             entry["result"] = part.fn(budget)
+            entry.pop("partial", None)
             entry["status"] = "ok" if entry["result"].get("passed", True) else "failed"
         except Exception as e:  # noqa: BLE001 - recorded, the next part runs
             entry.update(status="failed", error=f"{type(e).__name__}: {e}",
@@ -175,6 +176,7 @@ class Sizes:
     warmup: int
     iters: int
     train_size: int  # image side of the training shards
+    train_images: int  # images in them (an epoch)
     train_arch: dict[str, Any]
     train_batch: tuple[int, int, int]  # global batch, micro batch, grad accum (1 rank)
     train_steps: int
@@ -184,14 +186,15 @@ class Sizes:
 FULL = Sizes(
     attn_lens=[4160, 4096, 1536, 300, 77, 1], heads=(24, 8, 96), attn_iters=10,
     latents=[(128, 128), (104, 152), (152, 104), (128, 128)], captions=[256, 180, 120, 60], warmup=2, iters=5,
-    train_size=256, train_arch={"preset": "2b", "dim": 1152, "n_heads": 12, "n_kv_heads": 4, "n_layers": 6,
+    train_size=256, train_images=48, train_arch={"preset": "2b", "dim": 1152, "n_heads": 12, "n_kv_heads": 4, "n_layers": 6,
                                 "cap_feat_dim": 32},
     train_batch=(8, 4, 2), train_steps=30, ckpt_every=15,
 )
 TINY = Sizes(
     attn_lens=[37, 20, 5, 1], heads=(4, 2, 16), attn_iters=2,
     latents=[(8, 8), (6, 10), (10, 6)], captions=[5, 3, 4], warmup=1, iters=2,
-    train_size=64, train_arch={"preset": "tiny"}, train_batch=(2, 1, 2), train_steps=8, ckpt_every=4,
+    # 6 images, 2 per step: epochs end at steps 3 and 6, the resume (step 4) starts in the second
+    train_size=64, train_images=6, train_arch={"preset": "tiny"}, train_batch=(2, 1, 2), train_steps=8, ckpt_every=4,
 )
 
 
@@ -203,7 +206,8 @@ class Ctx:
     compile_backend: str
     peak_flops: float | None
     peak_source: str
-    log: Callable[[str], None] = field(default=print)
+    compile_estimate_s: float  # time the first compiled step may take
+    partial: Callable[[str, dict[str, Any]], None] = field(default=lambda name, data: None)  # save progress
 
 
 def _sync(device: Any) -> None:
@@ -323,7 +327,7 @@ def part_model_step(ctx: Ctx, budget: Budget, reserve_s: float) -> dict[str, Any
         out = model(latents, t, feats, mask)  # B x (C, h, w)
         sum(o.float().square().mean() for o in out).backward()
 
-    configs = []
+    configs: list[dict[str, Any]] = []
     compile_error = None
     for compiled in (False, True):
         if compiled:
@@ -331,11 +335,15 @@ def part_model_step(ctx: Ctx, budget: Budget, reserve_s: float) -> dict[str, Any
         for ac in ("off", "every_2", "full"):
             row: dict[str, Any] = {"activation_checkpointing": ac, "compile": compiled}
             configs.append(row)
+            ctx.partial("model_step", {"configs": configs})  # what a killed check still reports
+            # the first compiled setting also compiles (inductor: a minute or two for the three block kinds)
+            need = 30 + (ctx.compile_estimate_s if compiled and ac == "off" else 0)
             if compiled and compile_error:
                 row["skipped"] = f"compile failed above: {compile_error}"
                 continue
-            if budget.left() - reserve_s < 30:
-                row["skipped"] = f"budget: {budget.left():.0f}s left, {reserve_s:.0f}s kept for the next part"
+            if budget.left() - reserve_s < need:
+                row["skipped"] = (f"budget: {budget.left():.0f}s left, {reserve_s:.0f}s kept for the next part, "
+                                  f"{need:.0f}s needed")
                 continue
             model.set_activation_checkpointing(ac)
             try:
@@ -351,6 +359,7 @@ def part_model_step(ctx: Ctx, budget: Budget, reserve_s: float) -> dict[str, Any
             except Exception as e:  # noqa: BLE001 - an OOM or a compile failure is this setting's result
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 compile_error = compile_error or (row["error"] if compiled else None)
+            if "error" in row:  # freed here, once the traceback no longer holds the step's activations
                 model.zero_grad(set_to_none=True)
                 _free_accelerator()
                 continue
@@ -394,7 +403,7 @@ def part_train_resume(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     from lumina_illus.train.tiny_run import make_tiny_run
 
     s = ctx.sizes
-    world = make_tiny_run(ctx.work / "train_world", size=s.train_size)
+    world = make_tiny_run(ctx.work / f"world_{s.train_images}x{s.train_size}px", s.train_images, s.train_size)
     runs = world.parent / "runs"
     for name in ("ref", "killed"):  # a fresh start, never a resume from an earlier check
         shutil.rmtree(runs / name, ignore_errors=True)
@@ -434,6 +443,7 @@ def part_train_resume(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     # the run to kill would go on far past the end (as a crashed run would have), so it cannot finish
     # before the kill comes; with the constant LR schedule max_steps changes nothing in steps 1..k+1
     killed = launch("killed", f"train.max_steps={100 * s.train_steps}")
+    ctx.partial("train_resume", {"stage": "ref and killed started"})
     while not any(st > k for st in read_log(runs / "killed")[0]):  # step k+1 logged: checkpoint k complete
         if killed.poll() is not None or budget.left() < 1:
             os.killpg(killed.pid, signal.SIGKILL)
@@ -443,6 +453,7 @@ def part_train_resume(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     killed.wait()
     latest = (runs / "killed" / "ckpt" / "latest").read_text()
     resumed = launch("killed")
+    ctx.partial("train_resume", {"stage": "killed after step k+1 and resumed", "latest_at_kill": latest})
     wait(ref, "ref")
     wait(resumed, "killed (resumed)")
     t_runs = time.perf_counter() - t0
@@ -582,9 +593,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and args.tiny:
         torch.set_num_threads(1)  # tiny tensors: threads cost more than they bring
     sizes = TINY if args.tiny else FULL
+    def partial(name: str, data: dict[str, Any]) -> None:
+        report["parts"][name]["partial"] = data
+        save()
+
     ctx = Ctx(device=device, sizes=sizes, work=args.work or args.out.parent / (args.out.stem + "_work"),
               compile_backend=args.compile_backend or ("aot_eager" if device.type == "cpu" else "inductor"),
-              peak_flops=peak, peak_source=source)
+              peak_flops=peak, peak_source=source, compile_estimate_s=0 if args.tiny else 150, partial=partial)
     ctx.work.mkdir(parents=True, exist_ok=True)
     wanted = args.parts.split(",")
     reserve = 0.0 if args.tiny else 180.0  # part c on the GPU: 3 DeepSpeed launches
