@@ -208,15 +208,34 @@ def test_detect_rejects_other_checkpoints(tmp_path):
 
 
 def test_trained_text_encoder_is_exported_and_reloaded(paths, tmp_path):
-    cfg = _cfg(paths, text_encoder={"path": paths["gemma"], "trainable": True})
+    from transformers import AutoModel, AutoTokenizer
+
+    cfg = _cfg(paths, text_encoder={"path": paths["gemma"], "trainable": True, "lr": 1e-5})
     parts = FAMILY.build_training(cfg, torch.device("cpu"))
     _randomize(parts.module)
     files, raw = _export(parts, cfg, tmp_path / "step", offset=0.02)
-    assert (tmp_path / "step" / "text_encoder.safetensors") in files
+    te_dir = tmp_path / "step" / "text_encoder"
+    assert te_dir / "model.safetensors" in files and te_dir / "config.json" in files
     gen = FAMILY.load_generator(tmp_path / "step")
     for k, v in gen.text_encoder.model.state_dict().items():
         assert torch.equal(v, raw["text_encoder.model." + k]), k
     assert not any(p.requires_grad for p in gen.text_encoder.parameters())
+    # a plain transformers folder: loads with AutoModel / AutoTokenizer as it is, the trained weights in it
+    hf = AutoModel.from_pretrained(te_dir)
+    assert all(torch.equal(v, raw["text_encoder.model." + k]) for k, v in hf.state_dict().items())
+    assert AutoTokenizer.from_pretrained(te_dir)("hello").input_ids == AutoTokenizer.from_pretrained(paths["gemma"])("hello").input_ids
+
+
+def test_trainable_text_encoder_needs_its_own_lr_and_a_gemma2(paths, tmp_path):
+    from lumina_illus.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.text_encoder.trainable needs its own learning rate"):
+        FAMILY.build_training(_cfg(paths, text_encoder={"path": paths["gemma"], "trainable": True}), torch.device("cpu"))
+    not_gemma = tmp_path / "clip"
+    not_gemma.mkdir()
+    (not_gemma / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
+    with pytest.raises(ConfigError, match=r"model.text_encoder.path: .*clip/config.json has model_type 'clip_text_model'"):
+        FAMILY.build_training(_cfg(paths, text_encoder={"path": str(not_gemma)}), torch.device("cpu"))
 
 
 def test_pretrained_start_and_arch_conflict(paths, tmp_path):

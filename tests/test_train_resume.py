@@ -103,12 +103,14 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [2, 3])
-def test_sigkill_and_resume_reproduces_losses_and_data(world, zero):
-    name = f"z{zero}"
+@pytest.mark.parametrize("zero,te", [(2, False), (3, False), (2, True)], ids=["zero2", "zero3", "zero2-trainable-gemma"])
+def test_sigkill_and_resume_reproduces_losses_and_data(world, zero, te):
+    name = f"z{zero}" + ("_te" if te else "")
     # sample grids on the way (all ranks sample under ZeRO-3): they must not disturb training
     common = (f"train.zero_stage={zero}", "sampling.every_steps=2", "sampling.prompts=[red]",
               "sampling.sizes=[[64, 64]]", "checkpoint.export_dtype=fp32")
+    if te:  # Gemma-2 in the engine with its own LR group, in the EMA, exported as a transformers folder
+        common += ("model.text_encoder.trainable=true", "model.text_encoder.lr=1e-4")
     ref = launch(world, f"run.name={name}_ref", *common)
     out = finish(ref)
     assert ref.returncode == 0, out[-3000:]
@@ -148,7 +150,15 @@ def test_sigkill_and_resume_reproduces_losses_and_data(world, zero):
         assert any(c.glob("*.safetensors")) and any((c / "ema").glob("*.safetensors"))
     # the final weights and EMA (restored from its shards) equal the uninterrupted run's, bit for bit
     ref_final = world.parent / "runs" / f"{name}_ref" / "ckpt" / "step_0000006"
-    for rel in ("lumina2.safetensors", "ema/lumina2.safetensors"):
+    rels = ["lumina2.safetensors", "ema/lumina2.safetensors"]
+    if te:
+        rels += ["text_encoder/model.safetensors", "ema/text_encoder/model.safetensors"]
+        from transformers import AutoModel  # the encoder really trained: it moved away from the base Gemma
+
+        base = AutoModel.from_pretrained(world.parent / "gemma").state_dict()
+        trained = load_file(str(ckpts[1] / "text_encoder" / "model.safetensors"))
+        assert any(not torch.equal(trained[k], base[k]) for k in trained)
+    for rel in rels:
         a, b = load_file(str(ckpts[1] / rel)), load_file(str(ref_final / rel))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
     assert (run_dir / "samples" / "step_0000006.png").is_file()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,9 @@ if TYPE_CHECKING:
     from lumina_illus.data.batch import Batch
 
 PRESETS = {"2b": nextdit_2b, "tiny": nextdit_tiny}
-TEXT_ENCODER_FILE = "text_encoder.safetensors"  # fine-tuned Gemma weights beside the DiT export
+TEXT_ENCODER_DIR = "text_encoder"  # fine-tuned Gemma beside the DiT export: a transformers folder
+TEXT_ENCODER_FILE = "text_encoder.safetensors"  # the same weights as one file (exports before the folder)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".h5", ".msgpack")
 # NextDiTConfig fields that change how the model runs, not what it is: allowed beside `pretrained`
 _RUNTIME_FIELDS = {"attention", "activation_checkpointing"}
 # LoRA targets when lora.targets is empty: attention and SwiGLU of every block (main, both refiners)
@@ -148,7 +151,14 @@ class Lumina2Family:
             recompute = sum(b.recompute for b in dit.blocks())
             print(f"[model] attention backend {mc.arch['attention']} (asked: {asked}), "
                   f"activation checkpointing {recompute}/{len(dit.blocks())} blocks, compile {mc.compile}", flush=True)
-        text_encoder = GemmaTextEncoder(mc.text_encoder, device)
+        if mc.text_encoder.trainable and not (mc.text_encoder.lr or cfg.optim.text_encoder_lr):
+            raise ConfigError(f"{cfg.source}: model.text_encoder.trainable needs its own learning rate: set "
+                              "model.text_encoder.lr (or optim.text_encoder_lr); a pretrained LLM usually wants "
+                              "5-20x below the DiT's optim.lr")
+        try:
+            text_encoder = GemmaTextEncoder(mc.text_encoder, device)
+        except (ValueError, FileNotFoundError) as e:  # messages start with the key: text_encoder.path ...
+            raise ConfigError(f"{cfg.source}: model.{e}") from None
         if text_encoder.dim != dit.config.cap_feat_dim:
             raise ConfigError(
                 f"{cfg.source}: model.text_encoder.path {mc.text_encoder.path} has hidden size {text_encoder.dim} "
@@ -167,7 +177,7 @@ class Lumina2Family:
             {"name": "dit", "params": [p for p in dit.parameters() if p.requires_grad], "lr": cfg.optim.lr}
         ]
         if trains_te:
-            lr = mc.text_encoder.lr or cfg.optim.text_encoder_lr or cfg.optim.lr
+            lr = mc.text_encoder.lr or cfg.optim.text_encoder_lr
             groups.append(
                 {"name": "text_encoder", "params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": lr}
             )
@@ -249,6 +259,7 @@ class Lumina2Family:
         model_cfg = _model_config_from_metadata(meta, path)
         te_cfg = dataclasses.replace(model_cfg.text_encoder, trainable=False)
         vae_cfg = model_cfg.vae
+        user_te = bool(kwargs.get("text_encoder_path"))  # an explicit encoder wins over a fine-tuned one
         if kwargs.get("text_encoder_path"):
             te_cfg = dataclasses.replace(te_cfg, path=str(kwargs.pop("text_encoder_path")))
         if kwargs.get("vae_path"):
@@ -282,9 +293,12 @@ class Lumina2Family:
 
         dit = load_nextdit(weights, dtype=torch_dtype(dtype_name), device=device).eval()
         dit.requires_grad_(False)
+        folder = weights if weights.is_dir() else weights.parent
+        if not user_te and (folder / TEXT_ENCODER_DIR / "config.json").is_file():  # the run fine-tuned Gemma
+            te_cfg = dataclasses.replace(te_cfg, path=str(folder / TEXT_ENCODER_DIR))
         te = GemmaTextEncoder(te_cfg, device)
-        te_file = (weights if weights.is_dir() else weights.parent) / TEXT_ENCODER_FILE
-        if te_file.is_file():  # the run fine-tuned Gemma: its weights replace the base ones
+        te_file = folder / TEXT_ENCODER_FILE
+        if te_file.is_file():  # an export from before the folder: its weights replace the base ones
             from safetensors.torch import load_file
 
             te.model.load_state_dict(load_file(str(te_file)))
@@ -360,7 +374,9 @@ def export_weights(
     layouts: list[str],
 ) -> list[Path]:
     """Training-module state dict -> NextDiT files in every layout (checkpoint_io names) plus, when the
-    text encoder trained, `text_encoder.safetensors`. Keys must be `dit.*` or `text_encoder.*`."""
+    text encoder trained, `text_encoder/`: a transformers folder (the base encoder's config and tokenizer
+    files, the trained weights as model.safetensors) that `AutoModel.from_pretrained` loads as it is.
+    Keys must be `dit.*` or `text_encoder.*`."""
     from safetensors.torch import save_file
 
     from lumina_illus.models.checkpoint_io import export_layouts
@@ -377,10 +393,18 @@ def export_weights(
         raise ValueError(f"export to {out_dir}: unexpected keys (not dit.* / text_encoder.*): {other[:5]}")
     paths = export_layouts(dit_sd, dit_cfg, out_dir, layouts=layouts, metadata=metadata, dtype=None)
     if te_sd:
-        path = out_dir / TEXT_ENCODER_FILE
+        base = Path(metadata["config"]["model"]["text_encoder"]["path"])
+        te_dir = out_dir / TEXT_ENCODER_DIR
+        te_dir.mkdir(parents=True, exist_ok=True)
+        for f in sorted(base.iterdir()):  # config, tokenizer, generation config: everything but weights
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+                shutil.copyfile(f, te_dir / f.name)
+                paths.append(te_dir / f.name)
         tensors = {k: v.detach().cpu().contiguous() for k, v in te_sd.items()}
-        save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)})
-        paths.append(path)
+        tmp = te_dir / "model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)})
+        tmp.replace(te_dir / "model.safetensors")
+        paths.append(te_dir / "model.safetensors")
     return paths
 
 

@@ -13,6 +13,7 @@ not negative prompts: give it `negative_prompt=build_prompt(neg, system_prompt)`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class TextEncoderConfig:
     max_tokens: int = 256  # tokens per caption incl. system prompt (truncated beyond)
     layer: int = -2  # index into hidden_states (embeddings are 0, the final-norm output is -1)
     trainable: bool = False  # fine-tune the encoder together with the DiT
-    lr: float | None = None  # its learning rate when trainable (None: optim.text_encoder_lr or optim.lr)
+    lr: float | None = None  # its learning rate when trainable (None: optim.text_encoder_lr; one is required)
     dtype: str = "bf16"  # weights/compute dtype on GPU; CPU always runs fp32
 
     def __post_init__(self) -> None:
@@ -61,6 +62,10 @@ class GemmaTextEncoder(nn.Module):
             raise ValueError("text_encoder.path: no Gemma-2 path configured (a local transformers folder)")
         if not (Path(cfg.path) / "config.json").is_file():
             raise FileNotFoundError(f"text_encoder.path: {cfg.path} has no config.json (expected a Gemma-2 folder)")
+        model_type = json.loads((Path(cfg.path) / "config.json").read_text()).get("model_type")
+        if model_type != "gemma2":
+            raise ValueError(f"text_encoder.path: {cfg.path}/config.json has model_type {model_type!r}, not 'gemma2': "
+                             "Lumina-2 reads Gemma-2 hidden states (e.g. google/gemma-2-2b)")
         self.cfg = cfg
         device = torch.device(device)
         # bf16 is the published inference dtype on GPU; CPU kernels are fp32-only in practice
