@@ -371,8 +371,11 @@ def part_model_step(ctx: Ctx, budget: Budget, reserve_s: float) -> dict[str, Any
             else:  # the process's high-water mark (it only grows)
                 row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     n_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     done = [r for r in configs if "ms_per_step" in r]
     return {"model": "nextdit_tiny" if s is TINY else "nextdit_2b", "params": n_params, "attention": backend,
+            # bf16 weights + bf16 gradients: peak memory minus this is activations and workspace
+            "weights_and_grads_gib": round((2 * n_params + 2 * trainable) / GIB, 2),
             "latents": s.latents, "caption_tokens": s.captions, "image_tokens": sum(img_tokens),
             "flops_per_step": flops, "peak_flops": ctx.peak_flops, "peak_source": ctx.peak_source,
             "compile_backend": ctx.compile_backend, "configs": configs, "passed": bool(done)}
@@ -577,8 +580,12 @@ def main(argv: list[str] | None = None) -> int:
     save()
     import torch
 
-    from lumina_illus.train.telemetry import PEAK_FLOPS, git_revision
+    try:  # lumina_illus.train imports DeepSpeed: without it parts a and b still run
+        from lumina_illus.train.telemetry import PEAK_FLOPS, git_revision
 
+        git: dict[str, Any] = git_revision()
+    except ImportError as e:
+        PEAK_FLOPS, git = {}, {"error": f"lumina_illus.train not importable: {e}"}
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     if args.peak_tflops is not None:
@@ -589,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"{key} dense bf16 (telemetry.PEAK_FLOPS)" if key else "unknown device"
     report["machine"] = {"device": name, "device_type": device.type, "torch": torch.__version__,
                          "cuda": torch.version.cuda, "python": platform.python_version(), "cpus": os.cpu_count(),
-                         "git": git_revision()}
+                         "git": git}
     if device.type == "cpu" and args.tiny:
         torch.set_num_threads(1)  # tiny tensors: threads cost more than they bring
     sizes = TINY if args.tiny else FULL
