@@ -16,14 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _code_lines(text: str) -> list[str]:
-    """Lines of fenced (```) and indented (4 spaces) code blocks."""
-    out, fenced = [], False
+    """Lines of fenced (```) and indented (4 spaces) code blocks; a line ending in a backslash continues
+    on the next one, as in a shell."""
+    out, fenced, pending = [], False, ""
     for line in text.splitlines():
         if line.startswith("```"):
             fenced = not fenced
             continue
         if fenced or line.startswith("    "):
-            out.append(line.strip())
+            line = pending + line.strip()
+            pending = line[:-1] + " " if line.endswith("\\") else ""
+            if not pending:
+                out.append(line)
     return out
 
 
