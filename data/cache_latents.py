@@ -1,4 +1,4 @@
-"""python data/cache_latents.py CONFIG.yaml OUT_DIR [--device cuda] [--text-embeds] [--wait-timeout 1800] [--strict]
+"""python data/cache_latents.py CONFIG.yaml OUT_DIR [--device cuda] [--text-embeds [--caption-variants K]] [--wait-timeout 1800] [--strict]
 
 Pre-computes VAE latents of the image shards named in CONFIG's `data.shards`, with CONFIG's bucket
 settings and the VAE of `model.vae` (lumina_illus.models.vae.LatentCodec), and writes them as
@@ -10,6 +10,24 @@ plus json "bucket", "crop", "original_size" (what SDXL's micro-conditioning need
 --text-embeds (families whose `model.text_encoder` is a Gemma-2 TextEncoderConfig) also stores
 "text_embeds" (L, D) of one caption per sample, built once here: tag shuffling and caption
 dropout are then frozen per sample (the caption used is stored as json "cached_caption").
+
+--caption-variants K (with --text-embeds, K > 1) keeps the augmentation instead: K captions per sample,
+each built by data.caption's builder (tag order, tag/control/caption dropout, natural language vs
+tags) from its own random stream: variant 0 from the sample's stream (the one caption K=1 stores),
+variant k >= 1 from one seeded (run.seed, i, sample index, k). Stored as json "cached_captions"
+[K captions] and features "text_embeds_0" .. "text_embeds_{K-1}", each (L_k, D) in --dtype holding only
+the caption's real tokens (system prompt included, no padding). The loader draws k from the sample's
+random stream of (seed, epoch, shard, sample) (lumina_illus/data/stream.py read_caption), so each epoch
+may see another variant and a resume picks the same ones.
+
+Size of the text features per sample: K x L x D x 2 bytes (bf16/fp16) plus ~100 bytes of header per
+tensor. The real run (Gemma-2-2B, D = 2304, bf16) stores 4,608 bytes per token. L counts Lumina's
+system prompt and " <Prompt Start> " (~33 Gemma tokens, estimated: no Gemma tokenizer is on this
+machine) plus the caption, capped by model.text_encoder.max_tokens (256 in lu2b_768): a ~95-token tag
+caption gives L ~ 128, 0.59 MB per variant: K = 1 -> 0.59 MB per sample, 13 TB for 22M samples;
+K = 4 -> 2.36 MB, 52 TB; captions at the 256 cap double that (1.18 MB per variant, 104 TB at K = 4).
+A latent (16 x 96 x 96 bf16 at 768^2) is 0.3 MB, 6.5 TB for 22M. Toy numbers and the table:
+BENCHMARKS.md ("Cached text features").
 
 Input shard i (in the order data.shards expands to) becomes OUT_DIR/shard-{i:06d}.tar, its samples
 keyed "{i:06d}_{key}", in their input order; crops and captions draw from a random stream seeded by
@@ -73,7 +91,7 @@ from lumina_illus.data.shards import (  # noqa: E402
     write_shard,
 )
 from lumina_illus.data.sources import REFUSED, Refusals, check_meta  # noqa: E402
-from lumina_illus.data.stream import SkipSample, decode_sample  # noqa: E402
+from lumina_illus.data.stream import SkipSample, decode_sample, read_caption  # noqa: E402
 from lumina_illus.dist_env import LaunchEnv, launch_env, wait_for  # noqa: E402
 from lumina_illus.models.vae import LatentCodec, VAEConfig, torch_dtype  # noqa: E402
 
@@ -96,7 +114,9 @@ def settings_of(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     data = to_dict(cfg.data)
     return {"data": {k: data[k] for k in OUTPUT_FIELDS}, "seed": cfg.run.seed, "vae": to_dict(cfg.model.vae),
             "text_encoder": to_dict(cfg.model.text_encoder) if args.text_embeds else None,
-            "dtype": args.dtype, "text_embeds": args.text_embeds}
+            "dtype": args.dtype, "text_embeds": args.text_embeds,
+            # absent for one variant, so caches made before --caption-variants existed stay resumable
+            **({"caption_variants": args.caption_variants} if args.caption_variants > 1 else {})}
 
 
 def read_marker(out_dir: Path, i: int, url: str, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -126,7 +146,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def cached_samples(cfg: RunConfig, i: int, url: str, codec: LatentCodec, text_encoder: Any, dtype: torch.dtype,
-                   refusals: Refusals, bar: tqdm) -> Iterator[dict[str, Any]]:
+                   refusals: Refusals, bar: tqdm, variants: int = 1) -> Iterator[dict[str, Any]]:
     """The latent samples of input shard i, in input order; bad ones go to `refusals`."""
     cap_cfg = from_dict(CaptionConfig, cfg.data.caption, where=f"{cfg.source}: data.caption")
     for ts in iter_tar(url):
@@ -151,11 +171,20 @@ def cached_samples(cfg: RunConfig, i: int, url: str, codec: LatentCodec, text_en
         meta.update(bucket=list(d["bucket"]), crop=list(d["crop"]), original_size=list(d["original_size"]))
         out: dict[str, Any] = {"__key__": f"{i:06d}_{ts.key.replace('/', '_')}"}
         if text_encoder is not None:
-            feats, mask = text_encoder.encode([d["caption"]])  # (1, L, D), (1, L)
-            tensors["text_embeds"] = feats[0][mask[0]].to(dtype).cpu().contiguous()  # (L, D)
+            # variant 0 is the caption decode_sample built; variant k draws from its own seeded stream
+            captions = [d["caption"]] + [
+                read_caption(ts, cap_cfg, random.Random(f"{cfg.run.seed}/{i}/{ts.index}/caption{k}"), False)[1]
+                for k in range(1, variants)]
+            feats, mask = text_encoder.encode(captions)  # (K, L, D), (K, L) right padded
+            embeds = [f[m].to(dtype).cpu().contiguous() for f, m in zip(feats, mask)]  # K x (L_k, D)
             for k in ("tags", "caption", "control"):
                 meta.pop(k, None)
-            meta["cached_caption"] = d["caption"]
+            if variants == 1:
+                tensors["text_embeds"] = embeds[0]
+                meta["cached_caption"] = d["caption"]
+            else:
+                tensors.update({f"text_embeds_{k}": e for k, e in enumerate(embeds)})
+                meta["cached_captions"] = captions
         elif "txt" in ts.files:
             out["txt"] = ts.files["txt"]
         out[LATENT_EXT] = save_safetensors(tensors)
@@ -168,7 +197,7 @@ def encode_shard(cfg: RunConfig, i: int, url: str, out_dir: Path, models: tuple[
     """Input shard i -> OUT_DIR/shard-{i:06d}.tar (atomic), then its done marker (atomic); returns the marker."""
     t0 = time.perf_counter()
     refusals = Refusals(echo=True)
-    samples = list(cached_samples(cfg, i, url, *models, torch_dtype(args.dtype), refusals, bar))
+    samples = list(cached_samples(cfg, i, url, *models, torch_dtype(args.dtype), refusals, bar, args.caption_variants))
     entry = {"name": None, "samples": 0, "bytes": 0, "buckets": {}}
     if samples:
         entry = write_shard(out_dir / shard_name(i), samples, bucket_cfg=cfg.data)
@@ -221,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="storage dtype of latents")
     ap.add_argument("--text-embeds", action="store_true", help="also cache Gemma-2 caption features")
+    ap.add_argument("--caption-variants", type=int, default=1, metavar="K",
+                    help="with --text-embeds: K augmented captions per sample, one drawn per epoch (default 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process (default: torch's)")
     ap.add_argument("--wait-timeout", type=float, default=1800.0,
                     help="rank 0 stops when no rank finished a shard for this many seconds (default 1800)")
@@ -234,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     vae_cfg = getattr(cfg.model, "vae", None)
     if not isinstance(vae_cfg, VAEConfig) or not vae_cfg.path:
         ap.error(f"{args.config}: model.vae.path must name a local VAE folder")
+    if args.caption_variants < 1 or (args.caption_variants > 1 and not args.text_embeds):
+        ap.error("--caption-variants K needs K >= 1, and K > 1 needs --text-embeds")
     if args.text_embeds:
         from lumina_illus.models.text_encoder import TextEncoderConfig
 

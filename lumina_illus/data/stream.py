@@ -72,10 +72,15 @@ class Sample:
 
 def read_caption(
     ts: TarSample, cap: CaptionConfig, rng: random.Random, latent_mode: bool
-) -> tuple[dict[str, Any], str]:
-    """(json, caption) of one tar sample, every check the loader makes before touching the image or
-    latent. Raises SkipSample(reason). Also used by data/character_set.py, so its counts skip exactly
-    the samples the loader skips for their json or caption."""
+) -> tuple[dict[str, Any], str, int | None]:
+    """(json, caption, cached variant) of one tar sample, every check the loader makes before touching
+    the image or latent. Raises SkipSample(reason). Also used by data/character_set.py, so its counts
+    skip exactly the samples the loader skips for their json or caption.
+
+    The variant is None unless the sample caches K caption variants (data/cache_latents.py
+    --caption-variants K: json "cached_captions", features "text_embeds_{k}"): then variant k is drawn
+    from `rng`, the sample's own random stream, so the choice is a function of (seed, epoch, shard,
+    sample) like the tag shuffle it replaces, and survives a resume."""
     meta: dict[str, Any] = {}
     if "json" in ts.files:
         try:
@@ -90,29 +95,39 @@ def read_caption(
             text = ts.files["txt"].decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise SkipSample("bad_caption_encoding", f".txt is not valid UTF-8: {e}") from None
-    if latent_mode and "cached_caption" in meta:
-        # text features were cached for this exact caption (data/cache_latents.py --text-embeds)
+    variant = None
+    if latent_mode and "cached_captions" in meta:
+        variants = meta["cached_captions"]
+        if not isinstance(variants, list) or not variants:
+            raise SkipSample("bad_json", f"json 'cached_captions' must be a non-empty list, got {variants!r:.80}")
+        variant = rng.randrange(len(variants))
+        caption = str(variants[variant])
+    elif latent_mode and "cached_caption" in meta:
+        # text features were cached for this exact caption (data/cache_latents.py --text-embeds, one variant)
         caption = str(meta["cached_caption"])
     else:
         try:
             caption = build_caption(cap, text, meta, rng)
         except CaptionError as e:
             raise SkipSample("missing_caption", str(e)) from None
-    return meta, caption
+    return meta, caption, variant
 
 
 def decode_sample(
     ts: TarSample, cfg: DataConfig, cap: CaptionConfig, rng: random.Random, latent_mode: bool
 ) -> dict[str, Any]:
     """One tar sample -> caption, pixels or latent, sizes, crop. Raises SkipSample(reason)."""
-    meta, caption = read_caption(ts, cap, rng, latent_mode)
+    meta, caption, variant = read_caption(ts, cap, rng, latent_mode)
     if latent_mode:
         if LATENT_EXT not in ts.files:
             raise SkipSample("missing_image", f"no {LATENT_EXT} in a latent shard")
         try:
             tensors = load_safetensors(ts.files[LATENT_EXT])
             latent = tensors["latent"].float()  # (C, h, w); stored bf16 by default
-            embeds = tensors["text_embeds"].float() if "text_embeds" in tensors else None  # (L, D)
+            name = "text_embeds" if variant is None else f"text_embeds_{variant}"
+            embeds = tensors[name].float() if name in tensors else None  # (L, D); stored bf16/fp16/fp32
+            if variant is not None and embeds is None:
+                raise KeyError(f"{name} (json lists {len(meta['cached_captions'])} cached captions)")
             bucket = (int(meta["bucket"][0]), int(meta["bucket"][1]))
             original = (int(meta["original_size"][0]), int(meta["original_size"][1]))
             crop = (int(meta["crop"][0]), int(meta["crop"][1]))

@@ -106,7 +106,7 @@ def count_shard(url: str, cap: CaptionConfig, general: bool = False) -> ShardCou
         out.samples += 1
         where = f"{url} {ts.key}"
         try:
-            meta, _ = read_caption(ts, cap, rng, latent_mode=LATENT_EXT in ts.files)
+            meta, _, _ = read_caption(ts, cap, rng, latent_mode=LATENT_EXT in ts.files)
             tags = tags_of(meta)  # read_caption skips it for a latent sample with a cached caption
         except SkipSample as e:
             out.problem(e.reason, where, str(e))
