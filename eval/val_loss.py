@@ -5,13 +5,14 @@ finished runs get the curve too: a run folder, its ckpt/ folder or one ckpt/step
 family. The run config comes from each checkpoint's metadata (its `validation:` section gives the
 held-out shards, samples and t values; --shards / --samples / --t-values override). The numbers are
 those the trainer logs at the same step (val/loss, val/loss_t0..9), bit for bit with fp32 exports of
-an fp32 run; prints a table and writes JSON.
+an fp32 run (on CPU with the trainer's thread count per rank, --threads); prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", choices=["raw", "ema"], default="raw",
                     help="raw (what the trainer's val/loss measures) or the EMA export")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                    help="CPU threads (default OMP_NUM_THREADS, else 1: the trainer's ranks run 1 thread, and CPU "
+                         "kernels reduce in a thread-dependent order, so only the same count gives the same bits)")
     ap.add_argument("--out", type=Path, help="JSON file of the results (default: stdout only)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         ckpts = [p for p in find_checkpoints(args.path) if p.is_dir()]
     except (FileNotFoundError, ValueError) as e:

@@ -16,7 +16,7 @@ from test_train_resume import _wait_for_step, finish, launch, read_log
 
 from lumina_illus.models.lora import KOHYA_FILE, PEFT_DIR
 
-COMMON = ("lora.enabled=true", "lora.rank=4", "lora.alpha=4", "train.max_steps=4", "checkpoint.every_steps=2",
+COMMON = ("lora.enabled=true", "lora.rank=4", "lora.alpha=4", "train.max_steps=8", "checkpoint.every_steps=2",
           "checkpoint.export_dtype=fp32")
 
 
@@ -49,18 +49,20 @@ def test_lora_sigkill_and_resume_is_exact_and_saves_adapters_only(world, tmp_pat
     _wait_for_step(run_dir, 3, proc)  # the checkpoint of step 2 is complete before step 3 logs
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (run_dir / "ckpt" / "latest").read_text() == "step_0000002"
+    # killed after step 2's checkpoint; a fast machine may have written step 4's or 6's before the kill
+    latest = int((run_dir / "ckpt" / "latest").read_text().removeprefix("step_"))
+    assert latest in (2, 4, 6), latest
     resumed = launch(world, "run.name=lora_kill", *common)
     out = finish(resumed)
     assert resumed.returncode == 0, out[-3000:]
     steps, events = read_log(run_dir)
-    assert any(e["event"] == "resumed" and e["step"] == 2 for e in events)
-    assert sorted(steps) == sorted(ref_steps) == [1, 2, 3, 4]
+    assert any(e["event"] == "resumed" and e["step"] == latest for e in events)
+    assert sorted(steps) == sorted(ref_steps) == list(range(1, 9))
     for s in steps:
         assert steps[s]["data/keys_crc"] == ref_steps[s]["data/keys_crc"], f"data differs at step {s}"
         assert steps[s]["train/loss"] == ref_steps[s]["train/loss"], f"loss differs at step {s}"
 
-    final, ref_final = run_dir / "ckpt" / "step_0000004", runs / "lora_ref" / "ckpt" / "step_0000004"
+    final, ref_final = run_dir / "ckpt" / "step_0000008", runs / "lora_ref" / "ckpt" / "step_0000008"
     # exports: adapters (kohya file + peft folder), raw and EMA, and no full NextDiT weights
     assert sorted(p.name for p in final.iterdir()) == ["ds", "ema", KOHYA_FILE, PEFT_DIR, "meta.json"]
     for rel in (KOHYA_FILE, f"ema/{KOHYA_FILE}", f"{PEFT_DIR}/adapter_model.safetensors"):
