@@ -107,12 +107,13 @@ class Family(Protocol):
     def detect(self, path: str | Path) -> bool: ...  # True if `path` is a checkpoint of this family
 
 
-def check_sizes(sizes: Sequence[tuple[int, int]], multiple: int, where: str) -> None:
+def check_sizes(sizes: Sequence[tuple[int, int]], multiple: int, where: str,
+                error: type[Exception] = ValueError) -> None:
     """Every (width, height) a positive multiple of `multiple` (the family's pixels per latent token);
-    ValueError naming `where` (the option or config key) and the sizes that are not."""
+    raises `error` naming `where` (the option or config key) and the sizes that are not."""
     bad = [f"{w}x{h}" for w, h in sizes if w <= 0 or h <= 0 or w % multiple or h % multiple]
     if bad:
-        raise ValueError(f"{where}: {', '.join(bad)}: width and height must be positive multiples of {multiple}")
+        raise error(f"{where}: {', '.join(bad)}: width and height must be positive multiples of {multiple}")
 
 
 def family_names() -> list[str]:

@@ -119,10 +119,8 @@ class Lumina2Family:
 
     def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts:
         mc: Lumina2Config = cfg.model
-        try:  # the sample grid and in-training recall sizes: refused now, not at the first grid
-            check_sizes(cfg.sampling.sizes, self.size_multiple, f"{cfg.source}: sampling.sizes")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        # the sample grid and in-training recall sizes: refused now, not at the first grid
+        check_sizes(cfg.sampling.sizes, self.size_multiple, f"{cfg.source}: sampling.sizes", ConfigError)
         dit = build_dit(mc, cfg.source).to(device)
         if "official" in cfg.checkpoint.export_layouts:
             try:  # the official sample.py builds only its own factories: refuse now, not at the first export

@@ -364,10 +364,8 @@ class SDXLFamily:
 
     def build_training(self, cfg: RunConfig, device: torch.device) -> TrainingParts:
         m: SDXLConfig = cfg.model
-        try:  # the sample grid and in-training recall sizes: refused now, not at the first grid
-            check_sizes(cfg.sampling.sizes, self.size_multiple, f"{cfg.source}: sampling.sizes")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        # the sample grid and in-training recall sizes: refused now, not at the first grid
+        check_sizes(cfg.sampling.sizes, self.size_multiple, f"{cfg.source}: sampling.sizes", ConfigError)
         if not isinstance(cfg.train.activation_checkpointing, bool):
             raise ConfigError(f"{cfg.source}: train.activation_checkpointing = {cfg.train.activation_checkpointing!r}: "
                               "the SDXL family checkpoints all blocks or none (false/true, 'off'/'full')")
