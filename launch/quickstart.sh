@@ -4,9 +4,11 @@
 # The embedded default, on a fresh 2-core CPU machine in under 20 minutes:
 #   1. installs torch 2.13.0 (CPU) and this package with [dev] (skipped when already done for this pyproject)
 #   2. builds the toy illustration world and its tiny components (cached in runs/toy/)
-#   3. trains the tiny Lumina-2 with real DeepSpeed on 2 CPU ranks: launch/train_lu.sh configs/toy_lu.yaml
-#      (exports a checkpoint every few steps into runs/toy_lu/ckpt/)
-#   4. runs eval/char_recall.py over every exported checkpoint, prints and plots recall vs samples seen
+#   3. caches its VAE latents and the Gemma features of 4 caption variants per image once, on 2 ranks
+#      (data/cache_latents.py -> runs/toy/cache_lu/; skipped when its manifest is there)
+#   4. trains the tiny Lumina-2 on that cache with real DeepSpeed on 2 CPU ranks: launch/train_lu.sh
+#      configs/toy_lu.yaml (exports a checkpoint every few steps into runs/toy_lu/ckpt/)
+#   5. runs eval/char_recall.py over every exported checkpoint, prints and plots recall vs samples seen
 # --sdxl also trains configs/toy_sdxl.yaml and puts both curves on one plot.
 # Everything lands under runs/ (W&B offline files too); re-runs reuse the world, the components, finished
 # training runs (the trainer resumes from its last checkpoint) and already generated eval images.
@@ -17,7 +19,7 @@ SDXL=0
 for arg in "$@"; do
   case "$arg" in
     --sdxl) SDXL=1 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "quickstart.sh: unknown argument '$arg' (use --sdxl or --help)" >&2; exit 2 ;;
   esac
 done
@@ -33,7 +35,7 @@ mkdir -p runs
 START=$(date +%s)
 stage() { echo; echo "==== [$(( $(date +%s) - START ))s] $*"; }
 
-stage "1/4 install"
+stage "1/5 install"
 STAMP=runs/.installed
 WANT="torch==2.13.0 $(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
@@ -44,21 +46,32 @@ else
   echo "already installed for this pyproject.toml ($STAMP)"
 fi
 
-stage "2/4 toy world and tiny components (cached in runs/toy)"
+stage "2/5 toy world and tiny components (cached in runs/toy)"
 WORLD_ARGS=(--out runs/toy --seed 0 --threads 2)
 [ "$SDXL" = 1 ] && WORLD_ARGS+=(--sdxl)
 "$PY" data/make_toy_world.py "${WORLD_ARGS[@]}"
 
-stage "3/4 training the tiny Lumina-2 with DeepSpeed on 2 CPU ranks"
+stage "3/5 cached latents and text features (runs/toy/cache_lu, made once)"
+CACHE=runs/toy/cache_lu
+if [ -f "$CACHE/manifest.json" ]; then
+  echo "already cached: $CACHE/manifest.json"
+else
+  # resumable: a killed run keeps its finished shards and a re-run does only the rest
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 data/cache_latents.py configs/toy_lu.yaml "$CACHE" \
+    --text-embeds --caption-variants 4 --threads 1 \
+    --override data.cached_latents=false --override 'data.shards=[runs/toy/shards/toy-*.tar]'
+fi
+
+stage "4/5 training the tiny Lumina-2 on the cache with DeepSpeed on 2 CPU ranks"
 deepspeed --num_gpus 2 launch/train_lu.sh configs/toy_lu.yaml
 RUNS=(runs/toy_lu)
 if [ "$SDXL" = 1 ]; then
-  stage "3b/4 training the tiny SDXL with DeepSpeed on 2 CPU ranks"
+  stage "4b/5 training the tiny SDXL with DeepSpeed on 2 CPU ranks"
   deepspeed --num_gpus 2 launch/train_sdxl.sh configs/toy_sdxl.yaml
   RUNS+=(--compare runs/toy_sdxl)
 fi
 
-stage "4/4 character recall of every checkpoint"
+stage "5/5 character recall of every checkpoint"
 "$PY" eval/char_recall.py "${RUNS[@]}" \
   --characters runs/toy/characters.csv --tagger runs/toy/components/tagger \
   --sizes 64x64,96x96 --seeds 0,1 --threads 2 --out runs/toy_eval --wandb "$WANDB_MODE"
@@ -73,6 +86,7 @@ cat <<EOF
   runs/toy_eval/cache/          every generated image, tagged
   runs/toy_lu/log.jsonl         training log (loss, lr, grad norm, tokens/s, MFU); config.yaml beside it
   runs/toy_lu/ckpt/             exported checkpoints (original/diffusers/comfy layouts, EMA in ema/)
-  runs/toy/                     the world: shards/, characters.csv, components/ (VAE, Gemma-2, tagger), world.json
+  runs/toy/                     the world: shards/, characters.csv, components/ (VAE, Gemma-2, tagger), world.json,
+                                cache_lu/ (its latents and caption features, what toy_lu trains on)
   runs/toy_lu/wandb/            W&B offline run (wandb sync runs/toy_lu/wandb/offline-run-*); eval: runs/toy_eval/
 EOF

@@ -156,3 +156,15 @@ def test_one_variant_cache_still_loads(world: Path) -> None:
     for (_, key, cap, embeds) in _take(ld, iter(ld), 6):
         meta, tensors = samples[key]
         assert cap == meta["cached_caption"] and torch.equal(embeds, tensors["text_embeds"].float())
+
+
+def test_quickstart_caches_what_toy_lu_trains_on() -> None:
+    """configs/toy_lu.yaml trains on the cache launch/quickstart.sh makes (latents and K caption variants)."""
+    from lumina_illus.config import load_config
+
+    script = (ROOT / "launch" / "quickstart.sh").read_text()
+    cache = script.split("\nCACHE=", 1)[1].split("\n", 1)[0]
+    cfg = load_config(ROOT / "configs" / "toy_lu.yaml")
+    assert cfg.data.cached_latents and cfg.data.shards == [f"{cache}/shard-*.tar"]
+    command = script.split("data/cache_latents.py configs/toy_lu.yaml", 1)[1].split("\nfi", 1)[0]
+    assert '"$CACHE"' in command and "--text-embeds" in command and "--caption-variants 4" in command
