@@ -261,3 +261,19 @@ def test_differences_name_each_key_and_both_values():
     other = {"node": 1, "host": "b", "rank": 1, "run": {"optim.lr": 1e-3, "git.commit": "def", "x": 1}}
     assert differences([row, dict(row, rank=1)]) == []
     assert differences([row, other]) == ["git.commit: 'abc' on rank 0 (node 0, a) but 'def' on rank 1 (node 1, b)"]
+
+
+def test_srun_tasks_without_rank_are_refused_not_trained_alone(world) -> None:
+    """A bare `srun -n 2 python train.py` (no RANK): every task would train alone into the same folder."""
+    from lumina_illus.train.engine import check_not_orphan_task
+
+    check_not_orphan_task({})  # python train.py alone
+    check_not_orphan_task({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"})  # a batch shell, not an srun step
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK")}
+    env.update(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1", DS_ACCELERATOR="cpu")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "train.py", str(world), "--override", "run.name=orphan"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "task 1 of 2 of an srun step but no RANK/WORLD_SIZE" in r.stderr and "slurm_lu.sbatch" in r.stderr
+    assert not (world.parent / "runs" / "orphan").exists()  # refused before anything was written

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from lumina_illus.config import RunConfig
+from lumina_illus.config import ConfigError, RunConfig
 from lumina_illus.families import TrainingParts
 from lumina_illus.train.cluster import pick_device
 
@@ -43,12 +43,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_not_orphan_task(environ: dict[str, str] | os._Environ) -> None:
+    """A process without RANK that is one of several tasks of an srun step (a bare `srun train.py`, or
+    `deepspeed --launcher slurm`) would train alone, as would each of its siblings: N copies of the run
+    writing the same files. Refuse that with the fix; a single process (python train.py, even inside an
+    allocation) is fine."""
+    n = int(environ.get("SLURM_STEP_NUM_TASKS") or 1)
+    if n > 1:
+        raise ConfigError(
+            f"this process is task {environ.get('SLURM_PROCID', '?')} of {n} of an srun step but no RANK/WORLD_SIZE "
+            "is set, so every task would train alone on the same run folder. Launch with "
+            "launch/slurm_lu.sbatch (it sets RANK=$SLURM_PROCID, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), "
+            "or torchrun/deepspeed per node (README, Launching)")
+
+
 def init_distributed(collective_timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group set up by the launcher (deepspeed, srun, torchrun) or, when the
     script was started alone (`bash launch/train_lu.sh`, `python train.py`), make a 1-rank group.
     Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (README, Launching); a collective
     waiting longer than `collective_timeout_s` for the other ranks fails."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        check_not_orphan_task(os.environ)
         # started without a launcher: a single local rank (DeepSpeed would otherwise try MPI discovery)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
