@@ -75,14 +75,14 @@ class Built:
     git: dict[str, Any]
 
 
-def build_run(cfg: RunConfig) -> Built:
-    """Collective: join the process group, build model, engine, loader and EMA, and restore the resume
-    state named by `checkpoint.resume`, if any."""
-    env = init_distributed(cfg.train.collective_timeout_s)
+def build_run(cfg: RunConfig, env: DistEnv | None = None, git: dict[str, Any] | None = None) -> Built:
+    """Collective: join the process group (unless `env` says it was joined), build model, engine, loader and
+    EMA, and restore the resume state named by `checkpoint.resume`, if any."""
+    env = env or init_distributed(cfg.train.collective_timeout_s)
     check_batch_arithmetic(cfg, env.world_size)
     seed_everything(cfg.run.seed + env.rank)
     parts = get_family(cfg.family).build_training(cfg, env.device)
-    git = git_revision()
+    git = git or git_revision()
     ckpt = Checkpointer(cfg, env.rank, env.world_size, git)
     resume = ckpt.resume_path()
     # saved by another world size: converted to DeepSpeed's universal format, which the engine must
@@ -107,14 +107,14 @@ def build_run(cfg: RunConfig) -> Built:
 def train(cfg: RunConfig) -> TrainState:
     """Run (or resume) the training described by `cfg`; returns the final train state. Refuses to start
     when the ranks disagree on config or code; stops with PeerLost naming the ranks that died."""
-    env = init_distributed(cfg.train.collective_timeout_s)  # the group build_run joins
-    peers = Peers.join(cfg, env, git_revision())  # collective: same config and code everywhere, or ConfigError
+    env, git = init_distributed(cfg.train.collective_timeout_s), git_revision()
+    peers = Peers.join(cfg, env, git)  # collective: same config and code everywhere, or ConfigError
     with peers.watch():  # a collective failing because other ranks died names them
-        return _train(cfg, peers)
+        return _train(cfg, peers, env, git)
 
 
-def _train(cfg: RunConfig, peers: Peers) -> TrainState:
-    b = build_run(cfg)
+def _train(cfg: RunConfig, peers: Peers, env: DistEnv, git: dict[str, Any]) -> TrainState:
+    b = build_run(cfg, env, git)
     env, parts, engine, loader, ema, generators, ckpt, state = (
         b.env, b.parts, b.engine, b.loader, b.ema, b.generators, b.ckpt, b.state)
     gen, git, resume = generators["prepare"], b.git, b.resume
