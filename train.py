@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from lumina_illus.config import ConfigError, load_config
+    from lumina_illus.config import ConfigError, ConfigErrorOnEveryRank, load_config
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if dist.get_rank() == 0:
             print(f"done: step {state.step}, {state.samples_seen} samples seen, {state.skipped_steps} skipped steps")
     except ConfigError as e:  # checks that need the world size (batch arithmetic) fail on every rank
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, ConfigErrorOnEveryRank) and dist.is_initialized():
+            dist.barrier()  # every rank has printed before any exits (the launcher kills the rest on the first exit)
         return 2
     except (TooManyBadSamples, TooManyBadSteps) as e:  # every rank stops at the same step, checkpoint written
         if dist.get_rank() == 0:

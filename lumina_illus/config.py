@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A config file is wrong; the message names the file and the key."""
 
 
+class ConfigErrorOnEveryRank(ConfigError):
+    """A ConfigError raised at the same point on every rank (a check of the world size, or of every rank's
+    config gathered together): each rank reports it, then they leave together (train.py waits at a barrier,
+    so a launcher that kills the others when one rank exits cannot cut off their messages)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # generic dataclass <-> dict machinery
 

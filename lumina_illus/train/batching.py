@@ -16,11 +16,11 @@ Both batching modes obey one equation, checked before anything is built:
 
 from __future__ import annotations
 
-from lumina_illus.config import ConfigError, RunConfig
+from lumina_illus.config import ConfigErrorOnEveryRank, RunConfig
 
 
 def check_batch_arithmetic(cfg: RunConfig, world_size: int) -> None:
-    """Raise ConfigError naming the numbers when the global batch does not add up."""
+    """Raise ConfigErrorOnEveryRank naming the numbers when the global batch does not add up."""
     t = cfg.train
     product = t.micro_batch * t.grad_accum * world_size
     if product != t.global_batch:
@@ -28,7 +28,7 @@ def check_batch_arithmetic(cfg: RunConfig, world_size: int) -> None:
         per_rank, rem = divmod(t.global_batch, world_size)
         if rem == 0 and per_rank % t.micro_batch == 0:
             hint = f"; with {world_size} ranks use train.grad_accum={per_rank // t.micro_batch}"
-        raise ConfigError(
+        raise ConfigErrorOnEveryRank(
             f"{cfg.source}: batch arithmetic does not add up: train.global_batch={t.global_batch} but "
             f"train.micro_batch={t.micro_batch} x train.grad_accum={t.grad_accum} x world_size={world_size}"
             f" = {product}{hint}"

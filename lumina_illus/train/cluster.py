@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lumina_illus.config import ConfigError, RunConfig, to_dict
+from lumina_illus.config import ConfigError, ConfigErrorOnEveryRank, RunConfig, to_dict
 
 # (variable, launcher that sets it): the first one present names this process's node
 NODE_RANK_VARS = (("GROUP_RANK", "torchrun"), ("SLURM_NODEID", "slurm"), ("CROSS_RANK", "deepspeed"))
@@ -133,7 +133,7 @@ class Peers:
         dist.all_gather_object(rows, me)
         diff = differences(rows)
         if diff:
-            raise ConfigError("every rank must run the same config and code; refused at start:\n  "
+            raise ConfigErrorOnEveryRank("every rank must run the same config and code; refused at start:\n  "
                               + "\n  ".join(diff[:20]) + (f"\n  ... {len(diff) - 20} more" if len(diff) > 20 else ""))
         if env.world_size > 1 and env.rank != 0:
             store = dist.TCPStore(addr, rows[0]["store_port"], None, False, timedelta(seconds=timeout))
