@@ -17,6 +17,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lumina_illus.data.shards import ShardReadError, iter_tar, write_shards  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
@@ -27,8 +31,6 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--samples-per-shard", type=int, default=500)
     args = ap.parse_args()
-
-    from lumina_illus.data.shards import ShardReadError, iter_tar, write_shards
 
     world, out = Path(args.world), Path(args.out)
     with open(world / "characters.csv", newline="") as f:
