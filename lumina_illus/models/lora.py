@@ -176,5 +176,5 @@ def merge_kohya_file(net: nn.Module, path: Path, kohya_names: dict[str, str]) ->
         down, up = sd[f"{stem}.lora_down.weight"].float(), sd[f"{stem}.lora_up.weight"].float()
         alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else down.shape[0]
         w = modules[by_stem[stem]].weight
-        w += (alpha / down.shape[0] * (up @ down)).to(w.dtype)
+        w += (alpha / down.shape[0] * (up @ down)).to(w.device, w.dtype)  # the file's tensors are on the CPU
     return len(stems)
