@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_resume import finish, launch, read_log  # noqa: E402
+from test_train_resume import finish, launch, metric_rows_per_step, read_log  # noqa: E402
 
 from lumina_illus.data.shards import write_shards  # noqa: E402
 from lumina_illus.evaluation import metrics as M  # noqa: E402
@@ -86,10 +86,12 @@ def test_skip_counts_per_reason_reach_the_log(world: Path, shards: str) -> None:
 
 
 @pytest.mark.slow
-def test_too_many_bad_samples_stop_every_rank_with_a_checkpoint(world: Path, shards: str) -> None:
-    run_dir = world.parent / "runs" / "toobad"
-    proc = launch(world, "run.name=toobad", shards, "train.max_steps=40", "telemetry.log_every=1",
-                  "checkpoint.every_steps=0", "data.max_skip_fraction=0.02", "data.skip_window=24")
+@pytest.mark.parametrize("log_every", [1, 100])  # the stop step is a logging step / one log_every skips
+def test_too_many_bad_samples_stop_every_rank_with_a_checkpoint(world: Path, shards: str, log_every: int) -> None:
+    run_dir = world.parent / "runs" / f"toobad{log_every}"
+    proc = launch(world, f"run.name=toobad{log_every}", shards, "train.max_steps=40",
+                  f"telemetry.log_every={log_every}", "checkpoint.every_steps=0", "data.max_skip_fraction=0.02",
+                  "data.skip_window=24")
     out = finish(proc)
     assert proc.returncode == 3, out[-3000:]
     steps, events = read_log(run_dir)
@@ -97,6 +99,9 @@ def test_too_many_bad_samples_stop_every_rank_with_a_checkpoint(world: Path, sha
     assert len(stop) == 1
     step = stop[0]["step"]
     assert step < 40 and steps[step][M.DATA_SKIP_FRACTION] > 0.02
+    # each logged step's metrics are recorded once, and the stop step's always
+    logged = [s for s in range(1, step + 1) if s % log_every == 0 or s == step]
+    assert metric_rows_per_step(run_dir) == dict.fromkeys(logged, 1)
     assert (run_dir / "ckpt" / "latest").read_text() == f"step_{step:07d}"  # resumable from there
     assert "data.max_skip_fraction=2.00%" in out and "data.max_skip_fraction (now 0.02)" in out
     # the message names the top reasons and example shard/key pairs

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,12 @@ def read_log(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
         else:
             steps.setdefault(r["step"], {}).update(r)
     return steps, events
+
+
+def metric_rows_per_step(run_dir: Path) -> Counter[int]:
+    """log.jsonl -> {step: number of metric records of that step} (read_log merges them)."""
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return Counter(r["step"] for r in rows if "event" not in r)
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:

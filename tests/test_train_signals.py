@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_eval_toys import build_toy_tagger  # noqa: E402
-from test_train_resume import ROOT, _wait_for_step, finish, launch, read_log  # noqa: E402
+from test_train_resume import ROOT, _wait_for_step, finish, launch, metric_rows_per_step, read_log  # noqa: E402
 
 
 @pytest.mark.slow
@@ -86,6 +86,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(world):
     skipped = [e for e in events if e["event"] == "skipped_step"]
     assert [e["step"] for e in skipped] == [2, 3, 4]
     assert steps[4]["train/skipped_steps"] == 3 and steps[1]["train/skipped_steps"] == 0
+    assert metric_rows_per_step(run_dir) == dict.fromkeys([1, 2, 3, 4], 1)  # the stop step's metrics once too
     # the run stopped at step 4 with a checkpoint whose weights are step 1's: finite
     assert (run_dir / "ckpt" / "latest").read_text() == "step_0000004"
     weights = load_file(str(run_dir / "ckpt" / "step_0000004" / "lumina2.safetensors"))

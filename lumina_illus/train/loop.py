@@ -168,6 +168,7 @@ def _train(cfg: RunConfig, peers: Peers, env: DistEnv, git: dict[str, Any]) -> T
             state.flops_seen += g["flops"]  # for curves against compute (eval/char_recall.py --x flops)
             state.train_seconds += g["step_time_max"]
             skip_guard.update(g["data"])
+            bad_data = skip_guard.verdict()  # the same on every rank: computed from gathered counts
 
             grad_norm = engine.get_global_grad_norm()
             metrics = step_metrics(
@@ -176,7 +177,10 @@ def _train(cfg: RunConfig, peers: Peers, env: DistEnv, git: dict[str, Any]) -> T
                 world=env.world_size, mem=memory_gib(env.device),
                 samples_per_epoch=loader.samples_per_epoch, skip_fraction=skip_guard.fraction,
             )
-            tel.log(state.step, metrics, write=state.step % cfg.telemetry.log_every == 0 or not applied)
+            # every telemetry.log_every steps, and every skipped step (so the one that hits train.max_bad_steps)
+            # and the step that stops the run for bad data, once each
+            write = state.step % cfg.telemetry.log_every == 0 or not applied or bad_data is not None
+            tel.log(state.step, metrics, write=write)
             if not applied:
                 tel.event(state.step, "skipped_step", nonfinite_loss=g["nonfinite_loss"], grad_norm=grad_norm)
             elif not reported_precision:  # the dtypes DeepSpeed really holds, once the Adam states exist
@@ -195,7 +199,6 @@ def _train(cfg: RunConfig, peers: Peers, env: DistEnv, git: dict[str, Any]) -> T
                     tel.record(state.step, {M.CHAR_RECALL: result["recall"]})
 
             too_bad = state.bad_in_row >= cfg.train.max_bad_steps
-            bad_data = skip_guard.verdict()  # the same on every rank: computed from gathered counts
             final = state.step == cfg.train.max_steps
             save_state = (ckpt.due_by_steps(state.step) or g["save_now"] or g["stop"] or too_bad
                           or bad_data is not None or final)
@@ -209,7 +212,6 @@ def _train(cfg: RunConfig, peers: Peers, env: DistEnv, git: dict[str, Any]) -> T
                 break
             if bad_data:
                 seen = examples(loader.stats()["recent_skips"], env.world_size)  # collective
-                tel.record(state.step, metrics)
                 tel.event(state.step, "stopped_bad_data", verdict=bad_data, examples=seen)
                 raise TooManyBadSamples(
                     f"{bad_data}; stopped at step {state.step} with a checkpoint in {ckpt.dir}. Examples:\n  "
