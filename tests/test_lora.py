@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from lumina_illus.config import ConfigError, config_from_raw, load_config, to_dict
 from lumina_illus.families import get_family
 from lumina_illus.models.lora import KOHYA_FILE, PEFT_DIR
+from lumina_illus.models.nextdit import NextDiTConfig
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -113,6 +114,16 @@ def _only_adapters_train(parts) -> None:
     assert any(".base_layer." in n for n in frozen)
 
 
+def nextdit_inputs(c: NextDiTConfig) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed packed NextDiT input (two images of different sizes, one padded caption): x, t, cap, mask."""
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(c.in_channels, 8, 8, generator=g), torch.randn(c.in_channels, 4, 8, generator=g)]
+    t = torch.tensor([0.3, 0.8])
+    cap = torch.randn(2, 5, c.cap_feat_dim, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    return x, t, cap, mask
+
+
 def _peft_load(base: torch.nn.Module, folder) -> torch.nn.Module:
     from peft import PeftModel
 
@@ -142,16 +153,11 @@ def test_lumina_lora_export_equals_live_adapters_in_comfyui_and_peft(world, tmp_
     plain = NextDiT(dit.config).eval()
     plain.load_state_dict({k.removeprefix("diffusion_model."): v for k, v in merged.items()})
 
-    g = torch.Generator().manual_seed(0)
-    c = dit.config
-    x = [torch.randn(c.in_channels, 8, 8, generator=g), torch.randn(c.in_channels, 4, 8, generator=g)]
-    t = torch.tensor([0.3, 0.8])
-    cap = torch.randn(2, 5, c.cap_feat_dim, generator=g)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    x, t, cap, mask = nextdit_inputs(dit.config)
     with torch.no_grad():
         live = dit(x, t, cap, mask)
         via_comfy = plain(x, t, cap, mask)
-        base = NextDiT(c).eval()
+        base = NextDiT(dit.config).eval()
         base.load_state_dict(base_sd)
         assert (base(x, t, cap, mask)[0] - live[0]).abs().max() > 1e-3  # the adapters do something
         via_peft = _peft_load(base, tmp_path / PEFT_DIR)(x, t, cap, mask)

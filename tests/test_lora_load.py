@@ -10,6 +10,7 @@ import shutil
 from types import SimpleNamespace
 
 import torch
+from test_lora import nextdit_inputs
 from test_lora_train import _pretrained_base
 from test_train_checkpoint import one_rank_group  # noqa: F401 (autouse: Checkpointer is collective)
 
@@ -57,12 +58,7 @@ def test_lumina_lora_only_checkpoint_loads_as_its_base_with_the_adapters(world, 
     assert sorted(p.name for p in step.iterdir()) == ["ema", KOHYA_FILE, PEFT_DIR, "meta.json"]
     assert (step / "ema" / KOHYA_FILE).is_file()
 
-    g = torch.Generator().manual_seed(0)
-    c = dit.config
-    x = [torch.randn(c.in_channels, 8, 8, generator=g), torch.randn(c.in_channels, 4, 8, generator=g)]
-    t = torch.tensor([0.3, 0.8])
-    cap = torch.randn(2, 5, c.cap_feat_dim, generator=g)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    x, t, cap, mask = nextdit_inputs(dit.config)
 
     def live_with(values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
