@@ -1,22 +1,31 @@
 """python data/cache_latents.py CONFIG.yaml OUT_DIR [--device cuda] [--text-embeds [--caption-variants K]] [--wait-timeout 1800] [--strict]
 
 Pre-computes VAE latents of the image shards named in CONFIG's `data.shards`, with CONFIG's bucket
-settings and the VAE of `model.vae` (lumina_illus.models.vae.LatentCodec), and writes them as
+settings and the frozen encoders CONFIG's family trains with (`Family.cache_encoders`: Lumina-2 the VAE
+of `model.vae.path`; SDXL that or the VAE inside `model.pretrained`, scaled by model.vae.scaling_factor
+0.13025, lumina_illus.models.vae.LatentCodec), and writes them as
 shards the training pipeline reads the same way (set `data.cached_latents: true` and point
 `data.shards` at OUT_DIR/shard-*.tar): each sample keeps its `.txt` / `.json` (captions are still
 built, shuffled and dropped at training time) and gains `{key}.latent.safetensors` {"latent": (C, h, w)}
 plus json "bucket", "crop", "original_size" (what SDXL's micro-conditioning needs).
 
---text-embeds (families whose `model.text_encoder` is a Gemma-2 TextEncoderConfig) also stores
-"text_embeds" (L, D) of one caption per sample, built once here: tag shuffling and caption
-dropout are then frozen per sample (the caption used is stored as json "cached_caption").
+--text-embeds also stores the frozen text encoder's features of one caption per sample, built once here:
+tag shuffling and caption dropout are then frozen per sample (the caption used is stored as json
+"cached_caption"). Lumina-2: "text_embeds" (L, D), Gemma-2's features of the caption's real tokens.
+SDXL (text encoders frozen in model.frozen_dtype): "text_embeds" (c*77, 768+1280), the concatenated
+penultimate CLIP-L and bigG states of the caption's own c chunks (c <= model.max_text_chunks; a batch's
+empty padding chunks are rebuilt at training time), and "text_pooled" (1280,), bigG's pooled output
+before its text_projection: models/sdxl.py cached_conditioning rebuilds from them the exact UNet inputs
+of the live CLIPs. Training a text encoder on such a cache: SDXL (optim.text_encoder_lr) refuses it at
+start; Lumina-2 (model.text_encoder.trainable) encodes the cached captions and leaves the features unused.
 
 --caption-variants K (with --text-embeds, K > 1) keeps the augmentation instead: K captions per sample,
 each built by data.caption's builder (tag order, tag/control/caption dropout, natural language vs
 tags) from its own random stream: variant 0 from the sample's stream (the one caption K=1 stores),
 variant k >= 1 from one seeded (run.seed, i, sample index, k). Stored as json "cached_captions"
-[K captions] and features "text_embeds_0" .. "text_embeds_{K-1}", each (L_k, D) in --dtype holding only
-the caption's real tokens (system prompt included, no padding). The loader draws k from the sample's
+[K captions] and features "text_embeds_0" .. "text_embeds_{K-1}" (SDXL: and "text_pooled_0" ..), each
+(L_k, D) in --dtype holding only the caption's real tokens (system prompt included, no padding; SDXL: its
+own chunks). The loader draws k from the sample's
 random stream of (seed, epoch, shard, sample) (lumina_illus/data/stream.py read_caption), so each epoch
 may see another variant and a resume picks the same ones.
 
@@ -26,8 +35,9 @@ system prompt and " <Prompt Start> " (~33 Gemma tokens, estimated: no Gemma toke
 machine) plus the caption, capped by model.text_encoder.max_tokens (256 in lu2b_768): a ~95-token tag
 caption gives L ~ 128, 0.59 MB per variant: K = 1 -> 0.59 MB per sample, 13 TB for 22M samples;
 K = 4 -> 2.36 MB, 52 TB; captions at the 256 cap double that (1.18 MB per variant, 104 TB at K = 4).
-A latent (16 x 96 x 96 bf16 at 768^2) is 0.3 MB, 6.5 TB for 22M. Toy numbers and the table:
-BENCHMARKS.md ("Cached text features").
+A latent (16 x 96 x 96 bf16 at 768^2) is 0.3 MB, 6.5 TB for 22M. SDXL: a chunk is 77 x 2048 x 2 = 315,392
+bytes, the pooled vector 2,560: a one-chunk caption 0.32 MB per variant, 7 TB for 22M at K = 1.
+Toy numbers and the tables: BENCHMARKS.md ("Cached text features", "Cached CLIP features for SDXL").
 
 Input shard i (in the order data.shards expands to) becomes OUT_DIR/shard-{i:06d}.tar, its samples
 keyed "{i:06d}_{key}", in their input order; crops and captions draw from a random stream seeded by
@@ -43,7 +53,7 @@ takes the input shards i with i % world_size == rank. A shard is written under a
 renamed, then its done marker OUT_DIR/done/shard-{i:06d}.json ({input, name, samples, bytes, buckets,
 refused, settings}) is written the same way: a killed run leaves no half shard under a final name, and
 a re-run (any world size) skips every shard with a marker. Markers written with other settings (VAE,
-dtype, buckets, seed, captions, --text-embeds) or another input at index i stop the run, naming both.
+dtype, buckets, seed, captions, --text-embeds, text encoder) or another input at index i stop the run, naming both.
 Rank 0 waits for every marker (a file barrier: no process group, no network; --wait-timeout seconds
 without a new marker stops it, naming the missing shards and their ranks), then writes
 OUT_DIR/manifest.json and the refused-files report of all ranks. Progress: one bar per rank
@@ -80,7 +90,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lumina_illus.config import RunConfig, from_dict, load_config, to_dict  # noqa: E402
+from lumina_illus.config import ConfigError, RunConfig, from_dict, load_config, to_dict  # noqa: E402
 from lumina_illus.data.captions import CaptionConfig  # noqa: E402
 from lumina_illus.data.shards import (  # noqa: E402
     LATENT_EXT,
@@ -93,7 +103,8 @@ from lumina_illus.data.shards import (  # noqa: E402
 from lumina_illus.data.sources import REFUSED, Refusals, check_meta  # noqa: E402
 from lumina_illus.data.stream import SkipSample, decode_sample, read_caption  # noqa: E402
 from lumina_illus.dist_env import LaunchEnv, launch_env, wait_for  # noqa: E402
-from lumina_illus.models.vae import LatentCodec, VAEConfig, torch_dtype  # noqa: E402
+from lumina_illus.families import CacheEncoders, TextFeatures, get_family  # noqa: E402
+from lumina_illus.models.vae import LatentCodec, torch_dtype  # noqa: E402
 
 DONE_DIR = "done"
 # data fields that change what a latent sample holds (the rest only shape training batches)
@@ -109,11 +120,11 @@ def marker_path(out_dir: Path, i: int) -> Path:
     return out_dir / DONE_DIR / f"shard-{i:06d}.json"
 
 
-def settings_of(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+def settings_of(cfg: RunConfig, args: argparse.Namespace, enc: CacheEncoders) -> dict[str, Any]:
     """Everything that decides the bytes of an output shard besides its input (markers must agree)."""
     data = to_dict(cfg.data)
-    return {"data": {k: data[k] for k in OUTPUT_FIELDS}, "seed": cfg.run.seed, "vae": to_dict(cfg.model.vae),
-            "text_encoder": to_dict(cfg.model.text_encoder) if args.text_embeds else None,
+    return {"data": {k: data[k] for k in OUTPUT_FIELDS}, "seed": cfg.run.seed, "vae": enc.settings["vae"],
+            "text_encoder": enc.settings["text_encoder"],
             "dtype": args.dtype, "text_embeds": args.text_embeds,
             # absent for one variant, so caches made before --caption-variants existed stay resumable
             **({"caption_variants": args.caption_variants} if args.caption_variants > 1 else {})}
@@ -145,8 +156,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def cached_samples(cfg: RunConfig, i: int, url: str, codec: LatentCodec, text_encoder: Any, dtype: torch.dtype,
-                   refusals: Refusals, bar: tqdm, variants: int = 1) -> Iterator[dict[str, Any]]:
+def cached_samples(cfg: RunConfig, i: int, url: str, codec: LatentCodec, text_features: TextFeatures | None,
+                   dtype: torch.dtype, refusals: Refusals, bar: tqdm, variants: int = 1) -> Iterator[dict[str, Any]]:
     """The latent samples of input shard i, in input order; bad ones go to `refusals`."""
     cap_cfg = from_dict(CaptionConfig, cfg.data.caption, where=f"{cfg.source}: data.caption")
     for ts in iter_tar(url):
@@ -170,20 +181,20 @@ def cached_samples(cfg: RunConfig, i: int, url: str, codec: LatentCodec, text_en
         tensors = {"latent": latent}
         meta.update(bucket=list(d["bucket"]), crop=list(d["crop"]), original_size=list(d["original_size"]))
         out: dict[str, Any] = {"__key__": f"{i:06d}_{ts.key.replace('/', '_')}"}
-        if text_encoder is not None:
+        if text_features is not None:
             # variant 0 is the caption decode_sample built; variant k draws from its own seeded stream
             captions = [d["caption"]] + [
                 read_caption(ts, cap_cfg, random.Random(f"{cfg.run.seed}/{i}/{ts.index}/caption{k}"), False)[1]
                 for k in range(1, variants)]
-            feats, mask = text_encoder.encode(captions)  # (K, L, D), (K, L) right padded
-            embeds = [f[m].to(dtype).cpu().contiguous() for f, m in zip(feats, mask)]  # K x (L_k, D)
+            # K x {"text_embeds": (L_k, D), family extras}: only the real tokens (Lumina) or own chunks (SDXL)
+            for k, feats in enumerate(text_features(captions)):
+                suffix = "" if variants == 1 else f"_{k}"
+                tensors.update({name + suffix: t.to(dtype).cpu().contiguous() for name, t in feats.items()})
             for k in ("tags", "caption", "control"):
                 meta.pop(k, None)
             if variants == 1:
-                tensors["text_embeds"] = embeds[0]
                 meta["cached_caption"] = d["caption"]
             else:
-                tensors.update({f"text_embeds_{k}": e for k, e in enumerate(embeds)})
                 meta["cached_captions"] = captions
         elif "txt" in ts.files:
             out["txt"] = ts.files["txt"]
@@ -192,7 +203,7 @@ def cached_samples(cfg: RunConfig, i: int, url: str, codec: LatentCodec, text_en
         yield out
 
 
-def encode_shard(cfg: RunConfig, i: int, url: str, out_dir: Path, models: tuple[LatentCodec, Any],
+def encode_shard(cfg: RunConfig, i: int, url: str, out_dir: Path, models: tuple[LatentCodec, TextFeatures | None],
                  args: argparse.Namespace, settings: dict[str, Any], env: LaunchEnv, bar: tqdm) -> dict[str, Any]:
     """Input shard i -> OUT_DIR/shard-{i:06d}.tar (atomic), then its done marker (atomic); returns the marker."""
     t0 = time.perf_counter()
@@ -207,18 +218,12 @@ def encode_shard(cfg: RunConfig, i: int, url: str, out_dir: Path, models: tuple[
     return marker
 
 
-def load_models(cfg: RunConfig, args: argparse.Namespace, ap: argparse.ArgumentParser) -> tuple[LatentCodec, Any]:
+def load_models(enc: CacheEncoders, args: argparse.Namespace) -> tuple[LatentCodec, TextFeatures | None]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # the same convolution algorithms on every rank and re-run
         torch.backends.cudnn.deterministic = True
-    codec = LatentCodec(cfg.model.vae, device=device)
-    text_encoder = None
-    if args.text_embeds:
-        from lumina_illus.models.text_encoder import GemmaTextEncoder
-
-        text_encoder = GemmaTextEncoder(cfg.model.text_encoder, device=device)
-    return codec, text_encoder
+    return enc.load(device)
 
 
 def merge(out_dir: Path, urls: list[str], settings: dict[str, Any], cfg: RunConfig, strict: bool,
@@ -262,16 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.override)
     if cfg.data.cached_latents:
         ap.error(f"{args.config}: data.cached_latents is true: data.shards must name image shards to encode")
-    vae_cfg = getattr(cfg.model, "vae", None)
-    if not isinstance(vae_cfg, VAEConfig) or not vae_cfg.path:
-        ap.error(f"{args.config}: model.vae.path must name a local VAE folder")
     if args.caption_variants < 1 or (args.caption_variants > 1 and not args.text_embeds):
         ap.error("--caption-variants K needs K >= 1, and K > 1 needs --text-embeds")
-    if args.text_embeds:
-        from lumina_illus.models.text_encoder import TextEncoderConfig
-
-        if not isinstance(getattr(cfg.model, "text_encoder", None), TextEncoderConfig):
-            ap.error(f"{args.config}: --text-embeds needs a Gemma-2 model.text_encoder section")
+    try:
+        enc = get_family(cfg.family).cache_encoders(cfg, text=args.text_embeds)
+    except ConfigError as e:
+        ap.error(str(e))
     try:
         env = launch_env()
     except ValueError as e:
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     urls = expand_shards(cfg.data.shards)
-    settings = settings_of(cfg, args)
+    settings = settings_of(cfg, args, enc)
     (args.out_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
     mine = env.share(range(len(urls)))
     todo = []
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     overall.update(sum(read_marker(args.out_dir, i, u, settings) is not None for i, u in enumerate(urls)))
     bar = tqdm(total=total, desc=f"rank {env.rank}/{env.world_size} (samples)", position=0 if env.rank == 0 else env.rank + 1)
     if todo:
-        models = load_models(cfg, args, ap)
+        models = load_models(enc, args)
         for i in todo:
             encode_shard(cfg, i, urls[i], args.out_dir, models, args, settings, env, bar)
             overall.update(1)

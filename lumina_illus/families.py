@@ -14,6 +14,7 @@ Contract (what the rest of the code relies on):
     files = parts.export(full_state_dict, out_dir, metadata)   # consolidated safetensors, every layout
     gen = parts.generator(module)                  # sampler over live weights (sample grids, eval)
     gen = fam.load_generator(path, device)         # sampler over an exported checkpoint (eval, CLI)
+    enc = fam.cache_encoders(cfg, text=True)       # the frozen encoders data/cache_latents.py caches with
 """
 
 from __future__ import annotations
@@ -95,6 +96,20 @@ class TrainingParts:
     tokens: Callable[[Batch], int] = lambda b: 0  # image tokens in this micro-batch, for tokens/s
 
 
+# captions -> per caption the tensors a cache stores for it: {"text_embeds": (L, D), ...} (the family's
+# own extra fields, e.g. SDXL's "text_pooled" (P,)), real tokens only, in the encoder's dtype
+TextFeatures = Callable[[list[str]], list[dict[str, torch.Tensor]]]
+
+
+@dataclass
+class CacheEncoders:
+    """What data/cache_latents.py needs from a family: the frozen VAE and (with --text-embeds) text
+    features the training path reads back from the cache instead of computing them."""
+
+    settings: dict[str, Any]  # {"vae": ..., "text_encoder": ... or None}: what decides the cached bytes (markers)
+    load: Callable[[torch.device], tuple[Any, TextFeatures | None]]  # device -> (LatentCodec, text features)
+
+
 class Family(Protocol):
     name: str
     size_multiple: int  # generated image sides must be multiples of this (pixels per latent token side)
@@ -105,6 +120,10 @@ class Family(Protocol):
     def load_generator(self, path: str | Path, device: torch.device, **kwargs: Any) -> Generator: ...
 
     def detect(self, path: str | Path) -> bool: ...  # True if `path` is a checkpoint of this family
+
+    # frozen encoders of `cfg` for data/cache_latents.py (text: with text features); raises ConfigError
+    # naming the key when `cfg` cannot be cached
+    def cache_encoders(self, cfg: RunConfig, text: bool) -> CacheEncoders: ...
 
 
 def check_sizes(sizes: Sequence[tuple[int, int]], multiple: int, where: str,

@@ -158,13 +158,35 @@ def test_one_variant_cache_still_loads(world: Path) -> None:
         assert cap == meta["cached_caption"] and torch.equal(embeds, tensors["text_embeds"].float())
 
 
-def test_quickstart_caches_what_toy_lu_trains_on() -> None:
-    """configs/toy_lu.yaml trains on the cache launch/quickstart.sh makes (latents and K caption variants)."""
+@pytest.mark.parametrize("config,var", [("toy_lu", "CACHE"), ("toy_sdxl", "CACHE_SDXL")])
+def test_quickstart_caches_what_the_toy_runs_train_on(config: str, var: str) -> None:
+    """configs/toy_lu.yaml and configs/toy_sdxl.yaml (--sdxl) train on the caches launch/quickstart.sh makes
+    (latents and the text features of K caption variants), with their text encoders frozen."""
     from lumina_illus.config import load_config
 
     script = (ROOT / "launch" / "quickstart.sh").read_text()
-    cache = script.split("\nCACHE=", 1)[1].split("\n", 1)[0]
-    cfg = load_config(ROOT / "configs" / "toy_lu.yaml")
+    cache = script.split(f"\n{var}=", 1)[1].split("\n", 1)[0]
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml")
     assert cfg.data.cached_latents and cfg.data.shards == [f"{cache}/shard-*.tar"]
-    command = script.split("data/cache_latents.py configs/toy_lu.yaml", 1)[1].split("\nfi", 1)[0]
-    assert '"$CACHE"' in command and "--text-embeds" in command and "--caption-variants 4" in command
+    assert cfg.optim.text_encoder_lr is None and not getattr(getattr(cfg.model, "text_encoder", None), "trainable", False)
+    command = script.split(f"data/cache_latents.py configs/{config}.yaml", 1)[1].split("\nfi", 1)[0]
+    assert f'"${var}"' in command and "--text-embeds" in command and "--caption-variants 4" in command
+    assert f'if [ -f "${var}/manifest.json" ]' in script  # made once
+
+
+def test_trainable_gemma_on_a_text_cache_encodes_the_cached_captions(world: Path, capsys) -> None:
+    """Deliberate (lumina2.py docstring): a trainable Gemma on a cache of frozen Gemma features says so at
+    start and encodes the batch's captions, the cached variants a frozen run draws; the features go unused."""
+    from lumina_illus.config import config_from_raw
+    from lumina_illus.families import get_family
+
+    raw = yaml.safe_load((world / "cfg.yaml").read_text())
+    raw["data"].update(shards=[str(world / "k4" / "shard-*.tar")], cached_latents=True)
+    raw["model"]["text_encoder"].update(trainable=True, lr=1e-5)
+    parts = get_family("lumina2").build_training(config_from_raw(raw, "te.yaml"), torch.device("cpu"))
+    assert f"trainable on a cache of frozen Gemma features ({world / 'k4' / 'manifest.json'})" in capsys.readouterr().out
+    b = next(iter(_loader(world / "k4")))
+    assert b.text_embeds is not None
+    inputs = parts.prepare(b, torch.Generator().manual_seed(0))
+    ids, mask = parts.module.text_encoder.tokenize(b.captions)
+    assert "cap_feats" not in inputs and torch.equal(inputs["input_ids"], ids) and torch.equal(inputs["attention_mask"], mask)

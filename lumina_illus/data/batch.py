@@ -18,13 +18,14 @@ class Batch:
     crops: list[tuple[int, int]] = field(default_factory=list)  # (top, left) of the crop after resize
     target_sizes: list[tuple[int, int]] = field(default_factory=list)  # (h, w) of the bucket
     text_embeds: list[torch.Tensor] | None = None  # cached text features per sample, if the shards hold them
+    text_pooled: list[torch.Tensor] | None = None  # cached pooled text vector per sample (SDXL caches)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) so host->device copies can be asynchronous."""
-        for name in ("images", "latents", "text_embeds"):
+        for name in ("images", "latents", "text_embeds", "text_pooled"):
             xs = getattr(self, name)
             if xs is not None:
                 setattr(self, name, [x.pin_memory() for x in xs])

@@ -361,3 +361,23 @@ def manifest_counts(urls: list[str]) -> dict[str, int]:
             except (ValueError, KeyError, TypeError):
                 continue
     return {u: counts[u] for u in urls if u in counts}
+
+
+def text_feature_cache(data: DataConfig) -> Path | None:
+    """The manifest.json of a cache holding text features (data/cache_latents.py --text-embeds) beside the
+    shards of `data`, None when `data` reads no such cache (image shards, latents only, or missing shards:
+    the loader reports those)."""
+    if not data.cached_latents:
+        return None
+    try:
+        urls = expand_shards(data.shards)
+    except FileNotFoundError:
+        return None
+    for d in sorted({os.path.dirname(u) for u in urls if not u.startswith("pipe:")}):
+        m = Path(d or ".") / MANIFEST
+        try:
+            if m.is_file() and json.loads(m.read_text()).get("settings", {}).get("text_embeds"):
+                return m
+        except (ValueError, AttributeError):  # not a cache manifest
+            continue
+    return None

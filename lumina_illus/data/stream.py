@@ -64,6 +64,7 @@ class Sample:
     pixels: torch.Tensor | None  # (3, H, W) in [-1, 1]
     latent: torch.Tensor | None  # (C, h, w) cached VAE latent
     text_embeds: torch.Tensor | None
+    text_pooled: torch.Tensor | None  # (P,) SDXL caches: bigG's pooled embedding of the cached caption
     original_size: tuple[int, int]  # (h, w)
     crop: tuple[int, int]  # (top, left)
     bucket: Bucket  # (H, W) pixels
@@ -78,9 +79,9 @@ def read_caption(
     skip exactly the samples the loader skips for their json or caption.
 
     The variant is None unless the sample caches K caption variants (data/cache_latents.py
-    --caption-variants K: json "cached_captions", features "text_embeds_{k}"): then variant k is drawn
-    from `rng`, the sample's own random stream, so the choice is a function of (seed, epoch, shard,
-    sample) like the tag shuffle it replaces, and survives a resume."""
+    --caption-variants K: json "cached_captions", features "text_embeds_{k}" and, SDXL, "text_pooled_{k}"):
+    then variant k is drawn from `rng`, the sample's own random stream, so the choice is a function of
+    (seed, epoch, shard, sample) like the tag shuffle it replaces, and survives a resume."""
     meta: dict[str, Any] = {}
     if "json" in ts.files:
         try:
@@ -124,8 +125,10 @@ def decode_sample(
         try:
             tensors = load_safetensors(ts.files[LATENT_EXT])
             latent = tensors["latent"].float()  # (C, h, w); stored bf16 by default
-            name = "text_embeds" if variant is None else f"text_embeds_{variant}"
+            suffix = "" if variant is None else f"_{variant}"
+            name = "text_embeds" + suffix
             embeds = tensors[name].float() if name in tensors else None  # (L, D); stored bf16/fp16/fp32
+            pooled = tensors["text_pooled" + suffix].float() if "text_pooled" + suffix in tensors else None  # (P,)
             if variant is not None and embeds is None:
                 raise KeyError(f"{name} (json lists {len(meta['cached_captions'])} cached captions)")
             bucket = (int(meta["bucket"][0]), int(meta["bucket"][1]))
@@ -133,7 +136,7 @@ def decode_sample(
             crop = (int(meta["crop"][0]), int(meta["crop"][1]))
         except (KeyError, IndexError, TypeError, ValueError, SafetensorError) as e:  # missing/bad fields
             raise SkipSample("bad_json", f"latent sample incomplete: {type(e).__name__}: {e}") from None
-        return dict(caption=caption, pixels=None, latent=latent, text_embeds=embeds,
+        return dict(caption=caption, pixels=None, latent=latent, text_embeds=embeds, text_pooled=pooled,
                     original_size=original, crop=crop, bucket=bucket)
 
     ext = next((e for e in IMAGE_EXTS if e in ts.files), None)
@@ -154,13 +157,14 @@ def decode_sample(
     except DecodeError as e:
         raise SkipSample(e.reason, str(e)) from None
     rgb, crop = resize_and_crop(rgb, bucket, rng if cfg.random_crop else None)
-    return dict(caption=caption, pixels=to_tensor(rgb), latent=None, text_embeds=None,
+    return dict(caption=caption, pixels=to_tensor(rgb), latent=None, text_embeds=None, text_pooled=None,
                 original_size=(h, w), crop=crop, bucket=bucket)
 
 
 def collate(samples: list[Sample]) -> Batch:
     latent = samples[0].latent is not None
     embeds = [s.text_embeds for s in samples]
+    pooled = [s.text_pooled for s in samples]
     return Batch(
         keys=[s.key for s in samples],
         captions=[s.caption for s in samples],
@@ -170,6 +174,7 @@ def collate(samples: list[Sample]) -> Batch:
         crops=[s.crop for s in samples],
         target_sizes=[s.bucket for s in samples],
         text_embeds=embeds if all(e is not None for e in embeds) else None,
+        text_pooled=pooled if all(p is not None for p in pooled) else None,
     )
 
 

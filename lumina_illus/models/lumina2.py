@@ -12,7 +12,11 @@ Run config `model:` section (validated by `Lumina2Config`):
 
 The training module owns exactly the trainable parameters: the NextDiT (`dit.*`) and, only when
 `text_encoder.trainable`, Gemma (`text_encoder.*`, its own LR group). The VAE and a frozen Gemma
-live beside it and run in `prepare` under no_grad. With `lora.enabled` the NextDiT is frozen and only
+live beside it and run in `prepare` under no_grad, unless the batch brings cached latents and Gemma
+features (data/cache_latents.py --text-embeds). A trainable Gemma on such a cache is deliberate and
+announced at start: the frozen features go unused and Gemma encodes the batch's captions, which are the
+cached caption variants a frozen run on the same cache draws, so frozen vs trainable (experiments/run.sh
+q1) compare on the same latents and captions. (SDXL refuses trainable CLIPs on its cache instead.) With `lora.enabled` the NextDiT is frozen and only
 its adapters (models/lora.py, default targets LORA_TARGETS) train and export.
 """
 
@@ -29,8 +33,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lumina_illus.config import ConfigError, from_dict
-from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, check_sizes, read_metadata
+from lumina_illus.config import ConfigError, from_dict, to_dict
+from lumina_illus.data.shards import text_feature_cache
+from lumina_illus.families import (
+    METADATA_KEY,
+    CacheEncoders,
+    LossOutput,
+    TrainingParts,
+    check_sizes,
+    read_metadata,
+)
 from lumina_illus.models.attention import resolve_backend
 from lumina_illus.models.checkpoint_io import CheckpointError, load_nextdit, official_factory
 from lumina_illus.models.lora import KOHYA_FILE, apply_lora, export_lora, merge_kohya_file
@@ -149,6 +161,11 @@ class Lumina2Family:
             recompute = sum(b.recompute for b in dit.blocks())
             print(f"[model] attention backend {mc.arch['attention']} (asked: {asked}), "
                   f"activation checkpointing {recompute}/{len(dit.blocks())} blocks, compile {mc.compile}", flush=True)
+        cache = text_feature_cache(cfg.data) if mc.text_encoder.trainable else None
+        if cache is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"[model] model.text_encoder.trainable on a cache of frozen Gemma features ({cache}): the features "
+                  "go unused; the trainable Gemma encodes the cached captions (the variants a frozen run draws)",
+                  flush=True)
         if mc.text_encoder.trainable and not (mc.text_encoder.lr or cfg.optim.text_encoder_lr):
             raise ConfigError(f"{cfg.source}: model.text_encoder.trainable needs its own learning rate: set "
                               "model.text_encoder.lr (or optim.text_encoder_lr); a pretrained LLM usually wants "
@@ -196,6 +213,9 @@ class Lumina2Family:
                 if trains_te:
                     inputs["input_ids"], inputs["attention_mask"] = text_encoder.tokenize(batch.captions)
                 elif batch.text_embeds is not None:
+                    if batch.text_pooled is not None:
+                        raise ValueError(f"batch {batch.keys[:3]}: cached text features with 'text_pooled': an SDXL "
+                                         f"cache, not Gemma features; data.shards in {cfg.source}")
                     inputs["cap_feats"], inputs["cap_mask"] = pad_features(batch.text_embeds, device)
                 else:
                     inputs["cap_feats"], inputs["cap_mask"] = text_encoder.encode(batch.captions)
@@ -239,6 +259,27 @@ class Lumina2Family:
             generator=generator,
             tokens=lambda b: sum(image_tokens(b)),
         )
+
+    def cache_encoders(self, cfg: RunConfig, text: bool) -> CacheEncoders:
+        """Flux VAE of model.vae.path and, with `text`, Gemma-2 features of the caption's real tokens
+        (Lumina's system prompt included), the (L, D) rows `prepare` pads back with pad_features."""
+        mc: Lumina2Config = cfg.model
+        if not mc.vae.path:
+            raise ConfigError(f"{cfg.source}: model.vae.path must name a local VAE folder")
+
+        def load(device: torch.device) -> tuple[LatentCodec, Any]:
+            codec = LatentCodec(mc.vae, device=device)
+            if not text:
+                return codec, None
+            te = GemmaTextEncoder(mc.text_encoder, device=device)
+
+            def features(captions: list[str]) -> list[dict[str, torch.Tensor]]:
+                feats, mask = te.encode(captions)  # (K, L, D), (K, L) right padded
+                return [{"text_embeds": f[m]} for f, m in zip(feats, mask)]  # K x (L_k, D)
+
+            return codec, features
+
+        return CacheEncoders({"vae": to_dict(mc.vae), "text_encoder": to_dict(mc.text_encoder) if text else None}, load)
 
     # -- checkpoints -------------------------------------------------------------------------------
 

@@ -14,7 +14,11 @@ vector comes from the first chunk. A batch pads shorter prompts with empty chunk
 
 Frozen parts (VAE, and the text encoders when optim.text_encoder_lr is None) live outside the
 training module and run under no_grad in `prepare`; trainable text encoders sit in the module next to
-the UNet with their own learning rate. With `lora.enabled` the UNet is frozen and only its adapters
+the UNet with their own learning rate. A cache (data/cache_latents.py CONFIG OUT --text-embeds, via
+`cache_encoders`) replaces the frozen work: latents, and per caption its own chunks' CLIP states plus
+bigG's pooled output before text_projection (`SDXLTextConditioner.cache_features`), from which
+`cached_conditioning` rebuilds bit for bit (CPU, fp32 cache; tests/test_sdxl_cache.py) the UNet inputs
+the live CLIPs give the same batch. Trainable text encoders with such a cache stop at start. With `lora.enabled` the UNet is frozen and only its adapters
 (models/lora.py, default targets LORA_TARGETS) train and export, under sd-scripts' key names.
 """
 
@@ -29,8 +33,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lumina_illus.config import ConfigError, check, from_dict
-from lumina_illus.families import METADATA_KEY, LossOutput, TrainingParts, check_sizes, read_metadata
+from lumina_illus.config import ConfigError, ConfigErrorOnEveryRank, check, from_dict, to_dict
+from lumina_illus.data.shards import text_feature_cache
+from lumina_illus.families import (
+    METADATA_KEY,
+    CacheEncoders,
+    LossOutput,
+    TrainingParts,
+    check_sizes,
+    read_metadata,
+)
 from lumina_illus.models import sdxl_checkpoint as ckpt_io
 from lumina_illus.models.lora import KOHYA_FILE, apply_lora, export_lora, merge_kohya_file
 from lumina_illus.models.vae import LatentCodec, VAEConfig, torch_dtype
@@ -76,7 +88,7 @@ class SDXLConfig:
 
 @dataclass
 class SDXLComponents:
-    unet: nn.Module  # diffusers UNet2DConditionModel
+    unet: nn.Module | None  # diffusers UNet2DConditionModel; None when loaded without it (caching)
     text_encoder: nn.Module  # transformers CLIPTextModel (ViT-L)
     text_encoder_2: nn.Module  # transformers CLIPTextModelWithProjection (bigG)
     tokenizer: Any
@@ -93,9 +105,10 @@ def _require_folder(root: Path, where: str) -> None:
         raise FileNotFoundError(f"{where}: {root} is not a diffusers SDXL folder (missing {missing})")
 
 
-def load_components(source: str | Path, components: str | Path | None = None, where: str = "model.pretrained") -> SDXLComponents:
+def load_components(source: str | Path, components: str | Path | None = None, where: str = "model.pretrained",
+                    unet: bool = True) -> SDXLComponents:
     """All SDXL parts from a diffusers folder, or from a single file with configs + tokenizers taken
-    from the diffusers folder `components`."""
+    from the diffusers folder `components`. unet=False leaves the UNet out (the frozen parts a cache needs)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -114,7 +127,7 @@ def load_components(source: str | Path, components: str | Path | None = None, wh
     tok2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
     if source.is_dir():
         return SDXLComponents(
-            UNet2DConditionModel.from_pretrained(source / "unet"),
+            UNet2DConditionModel.from_pretrained(source / "unet") if unet else None,
             CLIPTextModel.from_pretrained(source / "text_encoder"),
             CLIPTextModelWithProjection.from_pretrained(source / "text_encoder_2"),
             tok, tok2, AutoencoderKL.from_pretrained(source / "vae"),
@@ -126,7 +139,7 @@ def load_components(source: str | Path, components: str | Path | None = None, wh
     vae_cfg = AutoencoderKL.load_config(folder / "vae")
     sf = ckpt_io.read_single_file(source, unet_cfg, vae_cfg)
     models = {
-        "unet": UNet2DConditionModel.from_config(unet_cfg),
+        **({"unet": UNet2DConditionModel.from_config(unet_cfg)} if unet else {}),
         "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
         "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")),
         "vae": AutoencoderKL.from_config(vae_cfg),
@@ -137,7 +150,7 @@ def load_components(source: str | Path, components: str | Path | None = None, wh
         if missing or res.unexpected_keys:
             raise KeyError(f"{source}: {name} weights do not fit {folder / name}: missing {missing[:5]}, "
                            f"unexpected {res.unexpected_keys[:5]}")
-    return SDXLComponents(models["unet"], models["text_encoder"], models["text_encoder_2"], tok, tok2,
+    return SDXLComponents(models.get("unet"), models["text_encoder"], models["text_encoder_2"], tok, tok2,
                           models["vae"], sf.v_pred, sf.ztsnr)
 
 
@@ -145,12 +158,18 @@ def load_components(source: str | Path, components: str | Path | None = None, wh
 # text conditioning
 
 
+def chunk_counts(tokenizer: Any, prompts: list[str], max_chunks: int) -> tuple[list[list[int]], list[int]]:
+    """(token ids without BOS/EOS, chunks of each prompt in 1..max_chunks) of each prompt."""
+    body = tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    return body, [min(max(1, math.ceil(len(ids) / CHUNK)), max_chunks) for ids in body]
+
+
 def chunk_token_ids(tokenizer: Any, prompts: list[str], max_chunks: int) -> torch.Tensor:
     """(B, n, 77) int64: each prompt's tokens in 75-token chunks wrapped in BOS ... EOS and padded with
     the tokenizer's pad token; n = chunks of the longest prompt (<= max_chunks), shorter prompts get
     empty chunks ([BOS, EOS, pad...]) so that the batch stacks."""
-    body = tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    n = min(max(1, *(math.ceil(len(ids) / CHUNK) for ids in body)), max_chunks)
+    body, counts = chunk_counts(tokenizer, prompts, max_chunks)
+    n = max(counts)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     out = torch.full((len(prompts), n, CHUNK + 2), pad, dtype=torch.long)
     for i, ids in enumerate(body):
@@ -160,17 +179,25 @@ def chunk_token_ids(tokenizer: Any, prompts: list[str], max_chunks: int) -> torc
     return out
 
 
+def clip_states(
+    te1: nn.Module, te2: nn.Module, ids1: torch.Tensor, ids2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, n, 77) for each tokenizer -> (prompt embeds (B, n*77, D1+D2), bigG's pooled output of each
+    prompt's first chunk before its text_projection (B, D2))."""
+    B, n, L = ids1.shape
+    h1 = te1(ids1.reshape(B * n, L), output_hidden_states=True).hidden_states[-2]  # (B*n, 77, D1)
+    out2 = te2.text_model(ids2.reshape(B * n, L), output_hidden_states=True)  # bigG without its projection
+    h2 = out2.hidden_states[-2]  # (B*n, 77, D2)
+    embeds = torch.cat([h1, h2], dim=-1).reshape(B, n * L, -1)  # (B, n*77, D1+D2)
+    return embeds, out2.pooler_output.reshape(B, n, -1)[:, 0].contiguous()  # (B, D2): EOS state, first chunk
+
+
 def encode_chunks(
     te1: nn.Module, te2: nn.Module, ids1: torch.Tensor, ids2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (B, n, 77) for each tokenizer -> (prompt embeds (B, n*77, D1+D2), pooled bigG (B, P))."""
-    B, n, L = ids1.shape
-    h1 = te1(ids1.reshape(B * n, L), output_hidden_states=True).hidden_states[-2]  # (B*n, 77, D1)
-    out2 = te2(ids2.reshape(B * n, L), output_hidden_states=True)
-    h2 = out2.hidden_states[-2]  # (B*n, 77, D2)
-    embeds = torch.cat([h1, h2], dim=-1).reshape(B, n * L, -1)  # (B, n*77, D1+D2)
-    pooled = out2.text_embeds.reshape(B, n, -1)[:, 0]  # (B, P) from the first chunk
-    return embeds, pooled
+    embeds, pooled = clip_states(te1, te2, ids1, ids2)
+    return embeds, te2.text_projection(pooled)  # (B, n*77, D), (B, P)
 
 
 class SDXLTextConditioner:
@@ -188,6 +215,54 @@ class SDXLTextConditioner:
         device = next(self.te1.parameters()).device
         with torch.no_grad():
             return encode_chunks(self.te1, self.te2, *self.token_ids(prompts, device))
+
+    def empty_chunk(self) -> torch.Tensor:
+        """(77, D1+D2) features of an empty chunk ([BOS, EOS, pad...]): what a batch appends to a prompt
+        with fewer chunks than its longest one."""
+        return self.encode_prompts([""])[0][0]
+
+    def cache_features(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """What data/cache_latents.py stores per prompt, the smallest thing `cached_conditioning` rebuilds
+        the UNet's text inputs from: "text_embeds" (c*77, D1+D2) of the prompt's own c chunks (a batch's
+        empty padding chunks are all the same: `empty_chunk`) and "text_pooled" (D2,), bigG's pooled
+        output before its text_projection (see cached_conditioning)."""
+        device = next(self.te1.parameters()).device
+        with torch.no_grad():
+            embeds, pooled = clip_states(self.te1, self.te2, *self.token_ids(prompts, device))  # (B, n*77, D), (B, D2)
+        counts = chunk_counts(self.tok1, prompts, self.max_chunks)[1]
+        return [{"text_embeds": e[: c * (CHUNK + 2)], "text_pooled": p} for e, p, c in zip(embeds, pooled, counts)]
+
+
+@torch.no_grad()
+def cached_conditioning(
+    embeds: list[torch.Tensor], pooled: list[torch.Tensor] | None, empty: torch.Tensor, te2: nn.Module,
+    max_chunks: int, where: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached features per sample (SDXLTextConditioner.cache_features: B x (c_i*77, D), B x (D2,)) -> the
+    (prompt embeds (B, n*77, D), pooled (B, P)) that encode_chunks gives the same captions: each prompt
+    padded to the batch's n = max c_i chunks with the empty chunk `empty` (77, D), and bigG's
+    text_projection applied here, to the batch's B rows as encode_chunks applies it (a CPU matmul picks
+    its kernel by the row count: the same vector projected alone or among other rows differs in the last
+    bits, ~3e-7). Raises ValueError naming `where` (the batch's keys) when the features are not an SDXL
+    cache of this model."""
+    L = CHUNK + 2
+    if pooled is None:
+        raise ValueError(f"{where}: cached text features without 'text_pooled': not an SDXL cache (a Lumina-2 "
+                         "Gemma cache?); make one with data/cache_latents.py CONFIG OUT --text-embeds for this SDXL config")
+    bad = [tuple(e.shape) for e in embeds if e.ndim != 2 or e.shape[0] % L or not L <= e.shape[0] <= max_chunks * L
+           or e.shape[1] != empty.shape[1]]
+    if bad:
+        raise ValueError(f"{where}: cached text features of shape {bad[:3]}: expected (c*77, {empty.shape[1]}) with "
+                         f"1 <= c <= model.max_text_chunks ({max_chunks}); cached with another model or max_text_chunks?")
+    proj = te2.text_projection.weight  # (P, D2)
+    if any(p.shape != (proj.shape[1],) for p in pooled):
+        raise ValueError(f"{where}: cached pooled vectors of shape {sorted({tuple(p.shape) for p in pooled})}: "
+                         f"expected ({proj.shape[1]},), bigG's width; cached with another model?")
+    n = max(e.shape[0] for e in embeds) // L
+    pad = empty.to(proj.device, torch.float32)
+    out = torch.stack([torch.cat([e.to(pad.device, torch.float32), *[pad] * (n - e.shape[0] // L)]) for e in embeds])
+    first = torch.stack(pooled).to(proj.device, proj.dtype)  # (B, D2)
+    return out, te2.text_projection(first)  # (B, n*77, D), (B, P)
 
 
 def time_ids(batch: Batch, device: torch.device) -> torch.Tensor:
@@ -369,8 +444,14 @@ class SDXLFamily:
         if not isinstance(cfg.train.activation_checkpointing, bool):
             raise ConfigError(f"{cfg.source}: train.activation_checkpointing = {cfg.train.activation_checkpointing!r}: "
                               "the SDXL family checkpoints all blocks or none (false/true, 'off'/'full')")
-        comps = load_components(m.pretrained, m.components, where=f"{cfg.source}: model.pretrained")
         train_te = cfg.optim.text_encoder_lr is not None
+        cache = text_feature_cache(cfg.data)
+        if train_te and cache is not None:
+            raise ConfigErrorOnEveryRank(
+                f"{cfg.source}: optim.text_encoder_lr is set (the CLIPs train) but data.shards is a cache of frozen "
+                f"CLIP features ({cache}): they cannot train the encoders. Remove optim.text_encoder_lr, or train "
+                "on image shards or a cache made without --text-embeds")
+        comps = load_components(m.pretrained, m.components, where=f"{cfg.source}: model.pretrained")
         # model.vae.path replaces the checkpoint's own VAE (e.g. an fp16-fixed one)
         codec = LatentCodec(m.vae, device, vae=None if m.vae.path else comps.vae)
         comps.vae = codec.vae
@@ -408,6 +489,7 @@ class SDXLFamily:
                            "lr": cfg.optim.text_encoder_lr, "name": "text_encoders"})
         text = SDXLTextConditioner(comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2,
                                    m.max_text_chunks)
+        empty = None if train_te else text.empty_chunk()  # (77, D): pads cached prompts to the batch's chunks
         schedule = NoiseSchedule.from_config(m.objective)
         unet_cfg = dict(comps.unet.config)
         flops = UNetFlops(unet_cfg,
@@ -438,12 +520,17 @@ class SDXLFamily:
                 "time_ids": time_ids(batch, device),
                 "t": schedule.lumina_t(ts),
             }
-            ids1, ids2 = text.token_ids(batch.captions, device)
             if train_te:
-                out.update(ids_1=ids1, ids_2=ids2)
+                if batch.text_embeds is not None:  # no manifest said so at start: the shards themselves do
+                    raise ValueError(f"batch {batch.keys[:3]}: cached CLIP features, but optim.text_encoder_lr in "
+                                     f"{cfg.source} trains the CLIPs; remove it or train on image shards")
+                out["ids_1"], out["ids_2"] = text.token_ids(batch.captions, device)
+            elif batch.text_embeds is not None:  # data/cache_latents.py --text-embeds
+                out["prompt_embeds"], out["pooled"] = cached_conditioning(
+                    batch.text_embeds, batch.text_pooled, empty, text.te2, m.max_text_chunks, f"batch {batch.keys[:3]}")
             else:
                 with torch.no_grad():
-                    out["prompt_embeds"], out["pooled"] = encode_chunks(text.te1, text.te2, ids1, ids2)
+                    out["prompt_embeds"], out["pooled"] = text.encode_prompts(batch.captions)
             return out
 
         def batch_flops(batch: Batch) -> float:
@@ -480,6 +567,30 @@ class SDXLFamily:
 
         return TrainingParts(module=module, param_groups=groups, prepare=prepare, flops=batch_flops,
                              export=export, generator=generator, tokens=tokens)
+
+    def cache_encoders(self, cfg: RunConfig, text: bool) -> CacheEncoders:
+        """The VAE `build_training` encodes with (model.vae.path, else the one in model.pretrained; the
+        SDXL scaling 0.13025 from model.vae) and, with `text`, the frozen CLIPs in model.frozen_dtype:
+        SDXLTextConditioner.cache_features of each caption."""
+        m: SDXLConfig = cfg.model
+        settings = {
+            "vae": {**to_dict(m.vae), "pretrained": None if m.vae.path else m.pretrained},
+            "text_encoder": {"pretrained": m.pretrained, "components": m.components,
+                             "max_text_chunks": m.max_text_chunks, "frozen_dtype": m.frozen_dtype} if text else None,
+        }
+
+        def load(device: torch.device) -> tuple[LatentCodec, Any]:
+            comps = load_components(m.pretrained, m.components, where=f"{cfg.source}: model.pretrained", unet=False)
+            codec = LatentCodec(m.vae, device, vae=None if m.vae.path else comps.vae)
+            if not text:
+                return codec, None
+            for te in (comps.text_encoder, comps.text_encoder_2):
+                te.to(device).to(torch_dtype(m.frozen_dtype)).eval().requires_grad_(False)
+            cond = SDXLTextConditioner(comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2,
+                                       m.max_text_chunks)
+            return codec, cond.cache_features
+
+        return CacheEncoders(settings, load)
 
     def load_generator(self, path: str | Path, device: torch.device, **kwargs: Any) -> SDXLGenerator:
         """Sampler over an export folder (ckpt/step_X, its ema/ preferred), a diffusers SDXL folder, or a

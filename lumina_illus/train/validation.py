@@ -105,6 +105,7 @@ class ValidationSet:
             latents=None if d["latent"] is None else [d["latent"]] * n,
             original_sizes=[d["original_size"]] * n, crops=[d["crop"]] * n, target_sizes=[d["bucket"]] * n,
             text_embeds=None if d["text_embeds"] is None else [d["text_embeds"]] * n,
+            text_pooled=None if d["text_pooled"] is None else [d["text_pooled"]] * n,
         )
 
     @torch.no_grad()
