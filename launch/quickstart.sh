@@ -9,7 +9,8 @@
 #   4. trains the tiny Lumina-2 on that cache with real DeepSpeed on 2 CPU ranks: launch/train_lu.sh
 #      configs/toy_lu.yaml (exports a checkpoint every few steps into runs/toy_lu/ckpt/)
 #   5. runs eval/char_recall.py over every exported checkpoint, prints and plots recall vs samples seen
-# --sdxl also trains configs/toy_sdxl.yaml and puts both curves on one plot.
+# --sdxl also caches the SDXL VAE latents and frozen CLIP features of 4 caption variants per image once
+# (runs/toy/cache_sdxl/), trains configs/toy_sdxl.yaml on them and puts both curves on one plot.
 # Everything lands under runs/ (W&B offline files too); re-runs reuse the world, the components, finished
 # training runs (the trainer resumes from its last checkpoint) and already generated eval images.
 set -euo pipefail
@@ -19,7 +20,7 @@ SDXL=0
 for arg in "$@"; do
   case "$arg" in
     --sdxl) SDXL=1 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "quickstart.sh: unknown argument '$arg' (use --sdxl or --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,12 +62,23 @@ else
     --text-embeds --caption-variants 4 --threads 1 \
     --override data.cached_latents=false --override 'data.shards=[runs/toy/shards/toy-*.tar]'
 fi
+CACHE_SDXL=runs/toy/cache_sdxl
+if [ "$SDXL" = 1 ]; then
+  stage "3b/5 cached SDXL latents and CLIP features ($CACHE_SDXL, made once)"
+  if [ -f "$CACHE_SDXL/manifest.json" ]; then
+    echo "already cached: $CACHE_SDXL/manifest.json"
+  else
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 data/cache_latents.py configs/toy_sdxl.yaml "$CACHE_SDXL" \
+      --text-embeds --caption-variants 4 --threads 1 \
+      --override data.cached_latents=false --override 'data.shards=[runs/toy/shards/toy-*.tar]'
+  fi
+fi
 
 stage "4/5 training the tiny Lumina-2 on the cache with DeepSpeed on 2 CPU ranks"
 deepspeed --num_gpus 2 launch/train_lu.sh configs/toy_lu.yaml
 RUNS=(runs/toy_lu)
 if [ "$SDXL" = 1 ]; then
-  stage "4b/5 training the tiny SDXL with DeepSpeed on 2 CPU ranks"
+  stage "4b/5 training the tiny SDXL on its cache with DeepSpeed on 2 CPU ranks"
   deepspeed --num_gpus 2 launch/train_sdxl.sh configs/toy_sdxl.yaml
   RUNS+=(--compare runs/toy_sdxl)
 fi
@@ -87,6 +99,7 @@ cat <<EOF
   runs/toy_lu/log.jsonl         training log (loss, lr, grad norm, tokens/s, MFU); config.yaml beside it
   runs/toy_lu/ckpt/             exported checkpoints (original/diffusers/comfy layouts, EMA in ema/)
   runs/toy/                     the world: shards/, characters.csv, components/ (VAE, Gemma-2, tagger), world.json,
-                                cache_lu/ (its latents and caption features, what toy_lu trains on)
+                                cache_lu/ (its latents and caption features, what toy_lu trains on;
+                                cache_sdxl/ the same for toy_sdxl with --sdxl)
   runs/toy_lu/wandb/            W&B offline run (wandb sync runs/toy_lu/wandb/offline-run-*); eval: runs/toy_eval/
 EOF
