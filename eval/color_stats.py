@@ -3,7 +3,8 @@
 Colour and failure statistics of a folder of images (recursive): share of exactly-white pixels, mean
 saturation, colorfulness (Hasler-Suesstrunk), brightness. Flags the seed's v3.0-vpred failure modes
 (white collapse: 58.46% #FFFFFF pixels; oversaturation) against a reference folder, or against absolute
-levels without one. Exit status 1 when a failure mode is flagged (usable as a CI gate).
+levels without one. Exit status 1 when a failure mode is flagged (usable as a CI gate), 2 when a folder is
+missing or holds no images (named).
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
-    stats = folder_stats(args.folder, progress=not args.quiet)
-    ref = folder_stats(args.reference, progress=not args.quiet) if args.reference else None
+    try:
+        stats = folder_stats(args.folder, progress=not args.quiet)
+        ref = folder_stats(args.reference, progress=not args.quiet) if args.reference else None
+    except FileNotFoundError as e:  # names the folder: a missing one or one without images
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     flags = failure_flags(stats, ref)
     print(f"{'':<16}{'images':>8}" + "".join(f"{k:>17}" for k in STAT_KEYS))
     for name, s in [("folder", stats), ("reference", ref)]:

@@ -82,3 +82,11 @@ def test_cli_writes_json_and_exits_1_on_failure(tmp_path):
     assert "FLAG white_collapse" in r.stdout
     data = json.loads(out.read_text())
     assert data["folder"]["white_frac"] == pytest.approx(0.625) and "per_image" not in data["folder"]
+
+
+def test_cli_names_a_missing_folder_without_a_traceback(tmp_path):
+    _folder(tmp_path / "ref", 2, 0.125, (150, 120, 110))
+    r = subprocess.run([sys.executable, str(ROOT / "eval/color_stats.py"), str(tmp_path / "nowhere"), "--reference",
+                        str(tmp_path / "ref"), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "error:" in r.stderr and str(tmp_path / "nowhere") in r.stderr and "Traceback" not in r.stderr
