@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -31,10 +31,16 @@ from lumina_illus.sampling.flow import to_pil
 if TYPE_CHECKING:
     from PIL import Image
 
-    from lumina_illus.models.sdxl import SDXLTextConditioner
     from lumina_illus.models.vae import LatentCodec
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TextConditioner(Protocol):
+    """What the sampler needs of SDXL's two CLIPs (models/sdxl.py SDXLTextConditioner): prompts ->
+    ((n, L, D) chunked hidden states, (n, P) pooled)."""
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -132,7 +138,7 @@ class SDXLGenerator:
     """Text-to-image over fixed weights (families.Generator): UNet + text conditioner + VAE + sampler."""
 
     def __init__(
-        self, unet: torch.nn.Module, text: SDXLTextConditioner, codec: LatentCodec, schedule: NoiseSchedule,
+        self, unet: torch.nn.Module, text: TextConditioner, codec: LatentCodec, schedule: NoiseSchedule,
         prediction: str, cfg: DiffusionSamplerConfig,
     ) -> None:
         self.unet, self.text, self.codec, self.cfg = unet, text, codec, cfg
