@@ -6,12 +6,13 @@
 #   q1  does the model absorb character knowledge without training the LLM?  trains runs/toy_lu_te
 #       (configs/toy_lu.yaml with Gemma-2 trainable, its own LR) and puts its curve beside the frozen
 #       runs/toy_lu: recall vs samples seen                         -> runs/exp_q1/curve.png, report.html
-#   q2  does Lumina-2 adapt faster than SDXL?  the quickstart with --sdxl, then the two curves against
-#       samples seen, training compute (model FLOPs) and wall-clock  -> runs/exp_q2/curve{,_flops,_hours}.png
+#   q2  does Lumina-2 adapt faster than SDXL?  the quickstart with --sdxl, SDXL also for 1600 steps
+#       (runs/toy_sdxl_1600), then the curves against samples seen, training compute (model FLOPs) and
+#       wall-clock                                                   -> runs/exp_q2/curve{,_flops,_hours}.png
 #   q3  is the resolution arbitrary?  runs/toy_lu's checkpoints drawn at sizes and aspect ratios outside
 #       the 64-128 px it trained on (48, 160, 192 px; 1:2, 2:1, 1:3): recall and colour statistics per
 #       size, one line per size                                      -> runs/exp_q3/curve_sizes.png
-# --quick: q1's extra run trains 300 steps, not the config's (a smoke run of the wiring, not an answer).
+# --quick: the extra run of q1/q2 trains 300 steps, not the config's (a smoke run of the wiring, not an answer).
 # Results are summarised in experiments/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ QUICK=()
 [ "${2:-}" = "--quick" ] && QUICK=(--override train.max_steps=300 checkpoint.export_every_steps=100)
 case "$Q" in
   q1|q2|q3) ;;
-  -h|--help|"") sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; [ -n "$Q" ]; exit $? ;;
+  -h|--help|"") sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ -n "$Q" ]; exit $? ;;
   *) echo "experiments/run.sh: unknown question '$Q' (q1, q2 or q3)" >&2; exit 2 ;;
 esac
 PY="${PYTHON:-python}"
@@ -38,10 +39,13 @@ case "$Q" in
     "$PY" eval/char_recall.py runs/toy_lu --compare runs/toy_lu_te "${EVAL[@]}" --sizes 64x64,96x96 \
       --out runs/exp_q1 --cache runs/toy_eval/cache ;;
   q2)
-    "$PY" eval/char_recall.py runs/toy_lu --compare runs/toy_sdxl "${EVAL[@]}" --sizes 64x64,96x96 \
-      --out runs/exp_q2 --cache runs/toy_eval/cache --x flops
-    "$PY" eval/char_recall.py runs/toy_lu --compare runs/toy_sdxl "${EVAL[@]}" --sizes 64x64,96x96 \
-      --out runs/exp_q2 --cache runs/toy_eval/cache --x hours ;;
+    # SDXL as long as Lumina-2 (1600 steps, 51.2k samples): the curves then meet every budget
+    deepspeed --num_gpus 2 launch/train_sdxl.sh configs/toy_sdxl.yaml --override run.name=toy_sdxl_1600 \
+      train.max_steps=1600 "${QUICK[@]:1}"
+    for x in samples flops hours; do
+      "$PY" eval/char_recall.py runs/toy_lu --compare runs/toy_sdxl runs/toy_sdxl_1600 "${EVAL[@]}" \
+        --sizes 64x64,96x96 --out runs/exp_q2 --cache runs/toy_eval/cache --x "$x"
+    done ;;
   q3)
     "$PY" eval/char_recall.py runs/toy_lu "${EVAL[@]}" --per-size --out runs/exp_q3 --cache runs/toy_eval/cache \
       --sizes 48x48,64x64,96x96,128x128,160x160,192x192,64x128,128x64,64x192 ;;
