@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import re
 import types
@@ -503,10 +504,25 @@ def apply_overrides(raw: dict, overrides: list[str] | None, where: str) -> dict:
     return raw
 
 
+# The family registry: name -> "module:attribute" of its Family object (lumina_illus/families.py,
+# get_family). A new family is one folder plus one line here. The modules are imported lazily, so a
+# family's heavy dependencies load only when it is used, and this module imports no family (no cycle).
+FAMILY_REGISTRY: dict[str, str] = {
+    "lumina2": "lumina_illus.models.lumina2:FAMILY",
+    "sdxl": "lumina_illus.models.sdxl:FAMILY",
+}
+
+
+def load_family(name: str) -> Any:
+    """The registered Family object `name` (KeyError naming the registered ones)."""
+    if name not in FAMILY_REGISTRY:
+        raise KeyError(f"unknown family {name!r}; registered: {sorted(FAMILY_REGISTRY)}")
+    module, attr = FAMILY_REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def config_from_raw(raw: dict, where: str = "<config>") -> RunConfig:
     """Validate a raw dict (already YAML-parsed) into a RunConfig."""
-    from lumina_illus.families import get_family  # local import: families imports model configs
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: top level must be a mapping")
     raw = dict(raw)
@@ -514,7 +530,7 @@ def config_from_raw(raw: dict, where: str = "<config>") -> RunConfig:
     if "family" not in raw:
         raise ConfigError(f"{where}: missing required key 'family' (one of the registered families)")
     try:
-        fam = get_family(raw["family"])
+        fam = load_family(raw["family"])
     except KeyError as e:
         raise ConfigError(f"{where}: 'family' = {raw['family']!r}: {e.args[0]}") from None
     model = from_dict(fam.config_cls, raw.get("model") or {}, where=where, prefix="model.")

@@ -3,7 +3,8 @@
 A family bundles everything that differs between Lumina-2 and SDXL: model constructor and checkpoint
 I/O, text conditioning, latent codec, objective and sampler. The trainer, data pipeline, checkpointing,
 telemetry and evaluation only talk to the `Family` interface below and never branch on the name.
-Adding a family means one new module that defines `FAMILY` and one line in `_REGISTRY`.
+Adding a family means one new module that defines `FAMILY` and one line in `FAMILY_REGISTRY`
+(lumina_illus/config.py, which validates each family's `model:` section without importing this module).
 
 Contract (what the rest of the code relies on):
 
@@ -19,7 +20,6 @@ Contract (what the rest of the code relies on):
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,18 +29,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lumina_illus.config import FAMILY_REGISTRY, load_family
+
 if TYPE_CHECKING:
     from PIL import Image
 
     from lumina_illus.config import RunConfig
     from lumina_illus.data.batch import Batch
 
-# name -> "module:attribute" holding the Family object; imported lazily so that a family's heavy
-# dependencies load only when it is used.
-_REGISTRY: dict[str, str] = {
-    "lumina2": "lumina_illus.models.lumina2:FAMILY",
-    "sdxl": "lumina_illus.models.sdxl:FAMILY",
-}
 
 # Key of the JSON string stored in every exported safetensors header and in meta.json beside
 # exported folders: {"family", "step", "samples_seen", "run", "layout", "weights": "raw"|"ema", "config"}.
@@ -136,14 +132,13 @@ def check_sizes(sizes: Sequence[tuple[int, int]], multiple: int, where: str,
 
 
 def family_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(FAMILY_REGISTRY)
 
 
 def get_family(name: str) -> Family:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown family {name!r}; registered: {family_names()}")
-    module, attr = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    """The registered family `name` (registry: lumina_illus/config.py FAMILY_REGISTRY); KeyError naming
+    the registered ones."""
+    return load_family(name)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -167,7 +162,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def detect_family(path: str | Path) -> Family:
     """The family of a checkpoint: from our metadata when present, else asking each family."""
     meta = read_metadata(path)
-    if meta.get("family") in _REGISTRY:
+    if meta.get("family") in FAMILY_REGISTRY:
         return get_family(meta["family"])
     for name in family_names():
         fam = get_family(name)

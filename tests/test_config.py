@@ -3,6 +3,7 @@ and the batch-arithmetic message, each naming the file and the dotted key."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,23 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
         load_config(p)
     msg = str(e.value)
     assert str(p) in msg and "unknown key 'train.grad_acum'" in msg and "did you mean 'train.grad_accum'" in msg
+
+
+def test_unknown_family_names_file_and_the_registered_ones(tmp_path):
+    p = write(tmp_path, {**BASE, "family": "flux"})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "'flux'" in msg and "registered: ['lumina2', 'sdxl']" in msg
+
+
+def test_config_module_imports_no_family():
+    """config.py validates each family's model section through its lazy registry (FAMILY_REGISTRY), so it
+    imports neither families.py nor a model, not even inside a function: no config <-> families cycle."""
+    src = (Path(__file__).resolve().parents[1] / "lumina_illus" / "config.py").read_text()
+    imported = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m.startswith(("lumina_illus.families", "lumina_illus.models"))}, imported
 
 
 def test_unknown_section_suggests(tmp_path):
