@@ -52,26 +52,26 @@ WORLD_ARGS=(--out runs/toy --seed 0 --threads 2)
 [ "$SDXL" = 1 ] && WORLD_ARGS+=(--sdxl)
 "$PY" data/make_toy_world.py "${WORLD_ARGS[@]}"
 
-stage "3/5 cached latents and text features (runs/toy/cache_lu, made once)"
-CACHE=runs/toy/cache_lu
-if [ -f "$CACHE/manifest.json" ]; then
-  echo "already cached: $CACHE/manifest.json"
-else
-  # resumable: a killed run keeps its finished shards and a re-run does only the rest
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 data/cache_latents.py configs/toy_lu.yaml "$CACHE" \
-    --text-embeds --caption-variants 4 --threads 1 \
-    --override data.cached_latents=false --override 'data.shards=[runs/toy/shards/toy-*.tar]'
-fi
-CACHE_SDXL=runs/toy/cache_sdxl
-if [ "$SDXL" = 1 ]; then
-  stage "3b/5 cached SDXL latents and CLIP features ($CACHE_SDXL, made once)"
-  if [ -f "$CACHE_SDXL/manifest.json" ]; then
-    echo "already cached: $CACHE_SDXL/manifest.json"
+# cache_once CONFIG DIR: the latents and the text features of 4 caption variants of every world image, as
+# CONFIG's family encodes them, on 2 ranks into DIR; skipped when DIR/manifest.json exists (resumable: a
+# killed run keeps its finished shards and a re-run does only the rest)
+cache_once() {
+  if [ -f "$2/manifest.json" ]; then
+    echo "already cached: $2/manifest.json"
   else
-    "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 data/cache_latents.py configs/toy_sdxl.yaml "$CACHE_SDXL" \
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 data/cache_latents.py "$1" "$2" \
       --text-embeds --caption-variants 4 --threads 1 \
       --override data.cached_latents=false --override 'data.shards=[runs/toy/shards/toy-*.tar]'
   fi
+}
+
+stage "3/5 cached latents and text features (runs/toy/cache_lu, made once)"
+CACHE=runs/toy/cache_lu
+cache_once configs/toy_lu.yaml "$CACHE"
+CACHE_SDXL=runs/toy/cache_sdxl
+if [ "$SDXL" = 1 ]; then
+  stage "3b/5 cached SDXL latents and CLIP features ($CACHE_SDXL, made once)"
+  cache_once configs/toy_sdxl.yaml "$CACHE_SDXL"
 fi
 
 stage "4/5 training the tiny Lumina-2 on the cache with DeepSpeed on 2 CPU ranks"

@@ -169,9 +169,10 @@ def test_quickstart_caches_what_the_toy_runs_train_on(config: str, var: str) -> 
     cfg = load_config(ROOT / "configs" / f"{config}.yaml")
     assert cfg.data.cached_latents and cfg.data.shards == [f"{cache}/shard-*.tar"]
     assert cfg.optim.text_encoder_lr is None and not getattr(getattr(cfg.model, "text_encoder", None), "trainable", False)
-    command = script.split(f"data/cache_latents.py configs/{config}.yaml", 1)[1].split("\nfi", 1)[0]
-    assert f'"${var}"' in command and "--text-embeds" in command and "--caption-variants 4" in command
-    assert f'if [ -f "${var}/manifest.json" ]' in script  # made once
+    assert f'cache_once configs/{config}.yaml "${var}"\n' in script
+    command = script.split("cache_once() {", 1)[1].split("\n}", 1)[0]  # the one cache command both stages run
+    assert 'data/cache_latents.py "$1" "$2"' in command and "--text-embeds" in command and "--caption-variants 4" in command
+    assert 'if [ -f "$2/manifest.json" ]' in command  # made once
 
 
 def test_trainable_gemma_on_a_text_cache_encodes_the_cached_captions(world: Path, capsys) -> None:
